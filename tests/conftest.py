@@ -1,0 +1,43 @@
+"""Test configuration shared by every suite.
+
+- JAX runs with strict dtype promotion and rank promotion errors, so a test cannot pass by accident
+  through an implicit upcast or broadcast.
+- Hypothesis profiles follow JAX's own: `ci` (the default; bounded examples, derandomized, no
+  deadline, no example database) and `dev` (many more examples). Choose with the environment
+  variable `TIETRANSFORM_HYPOTHESIS_PROFILE`.
+"""
+
+import os
+
+import hypothesis
+import jax
+import pytest
+
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+hypothesis.settings.register_profile(
+    "ci",
+    max_examples=12,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
+hypothesis.settings.register_profile(
+    "dev",
+    max_examples=300,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
+hypothesis.settings.load_profile(os.environ.get("TIETRANSFORM_HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def getkey():
+    """Returns a function that hands out fresh PRNG keys, deterministically per test."""
+    keys = iter(jax.random.split(jax.random.key(0), 10_000))
+    return lambda: next(keys)
