@@ -1,0 +1,8 @@
+"""Pallas kernels for tietransform. See [`kernels.ffn`][] for the fused shared-FFN kernel."""
+
+from .ffn import (
+    ffn as ffn,
+    ffn_reference as ffn_reference,
+    gated_ffn as gated_ffn,
+    gated_ffn_reference as gated_ffn_reference,
+)

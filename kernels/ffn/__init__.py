@@ -1,0 +1,9 @@
+"""The fused shared-FFN kernel: forward plus a backward that recomputes the hidden activation."""
+
+from ._api import (
+    Implementation as Implementation,
+    KernelFamily as KernelFamily,
+    ffn as ffn,
+    gated_ffn as gated_ffn,
+)
+from ._reference import ffn_reference as ffn_reference, gated_ffn_reference as gated_ffn_reference

@@ -1,0 +1,161 @@
+"""Public entry points `ffn` and `gated_ffn`, and dispatch between implementations."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import jax
+from jaxtyping import Array, Float
+
+from . import _pallas_gpu, _pallas_tpu
+from ._problem import Activation, Gated, Hidden, HiddenFn
+from ._reference import problem_reference, problem_reference_remat
+from ._validate import check_ffn_args
+from ._vjp import KernelPlan, fused_ffn
+
+
+__all__ = ["Implementation", "KernelFamily", "ffn", "gated_ffn"]
+
+Implementation = Literal["auto", "pallas", "interpret", "xla", "xla_remat"]
+KernelFamily = Literal["gpu", "tpu"]
+_IMPLEMENTATIONS = ("auto", "pallas", "interpret", "xla", "xla_remat")
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _reset_warnings() -> None:
+    """Forget which fallback warnings were shown (for tests)."""
+    _warned.clear()
+
+
+def _family_and_interpret(implementation: str, backend: str | None):
+    platform = jax.default_backend()
+    if implementation == "pallas":
+        if platform not in ("gpu", "tpu"):
+            raise ValueError(
+                f'implementation="pallas" needs a GPU or TPU, but JAX\'s backend is {platform!r}.\n'
+                'Use implementation="interpret" to run the Pallas kernels on CPU, or "auto".'
+            )
+        return backend or platform, False
+    family = backend or "tpu"
+    if family == "gpu":
+        return family, _pallas_gpu.interpret_params()
+    # The TPU-style kernels under the generic interpreter unless the TPU one is asked for.
+    return family, (True if backend is None else _pallas_tpu.interpret_params())
+
+
+def _plan(phi: HiddenFn, x, ws, implementation, backend, block_m, block_h) -> KernelPlan:
+    family, interpret = _family_and_interpret(implementation, backend)
+    tokens, hidden = x.shape[0], ws[0].shape[1]
+    if family == "gpu":
+        _pallas_gpu.check_supported(x, ws, compiled=interpret is False)
+        blocks = _pallas_gpu.gpu_blocks(tokens, hidden, block_m, block_h)
+        return KernelPlan(phi, blocks, _pallas_gpu.forward, _pallas_gpu.backward, interpret)
+    if family == "tpu":
+        blocks = _pallas_tpu.tpu_blocks(tokens, hidden, x.dtype, block_m, block_h)
+        return KernelPlan(phi, blocks, _pallas_tpu.forward, _pallas_tpu.backward, interpret)
+    raise ValueError(f'backend must be "gpu", "tpu" or None; got {family!r}.')
+
+
+def _dispatch(fn_name, phi, x, ws, bs, w_out, b_out, implementation, backend, block_m, block_h):
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"{fn_name}: unknown implementation {implementation!r}; expected one of "
+            f"{', '.join(map(repr, _IMPLEMENTATIONS))}."
+        )
+    if implementation == "auto":
+        implementation = "xla" if jax.default_backend() == "cpu" else "pallas"
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    out = None
+    if implementation in ("pallas", "interpret"):
+        try:
+            plan = _plan(phi, x2, ws, implementation, backend, block_m, block_h)
+        except NotImplementedError as e:
+            _warn_once(f"{fn_name}: the Pallas kernel cannot serve this call ({e}); "
+                       "falling back to the XLA reference.")
+        else:
+            out = fused_ffn(plan, x2, ws, bs, w_out, b_out)
+    if out is None:
+        ref = problem_reference_remat if implementation == "xla_remat" else problem_reference
+        out = ref(phi, x2, ws, bs, w_out, b_out)
+    return out.reshape(*lead, w_out.shape[1])
+
+
+def ffn(
+    x: Float[Array, "*batch d"],
+    w1: Float[Array, "d hidden"],
+    b1: Float[Array, " hidden"] | None,
+    w2: Float[Array, "hidden d_out"],
+    b2: Float[Array, " d_out"] | None,
+    *,
+    activation: Activation = jax.nn.gelu,
+    implementation: Implementation = "auto",
+    backend: KernelFamily | None = None,
+    block_m: int | None = None,
+    block_h: int | None = None,
+) -> Float[Array, "*batch d_out"]:
+    """The feed-forward block `activation(x @ w1 + b1) @ w2 + b2`, fused.
+
+    **Arguments:**
+
+    - `x`: `(..., d)`; leading axes are flattened to tokens.
+    - `w1`, `b1`: `(d, hidden)` and `(hidden,)` (or `None`).
+    - `w2`, `b2`: `(hidden, d_out)` and `(d_out,)` (or `None`).
+    - `activation`: any elementwise function (`jax.nn.gelu`, `jax.nn.relu`, a lambda, ...);
+      the kernels differentiate it with `jax.vjp`.
+    - `implementation`: `"auto"` (Pallas on GPU/TPU, the XLA reference on CPU), `"pallas"`
+      (compiled kernel), `"interpret"` (the kernels on CPU), `"xla"` (plain jnp reference),
+      `"xla_remat"` (the reference under `jax.checkpoint`).
+    - `backend`: which kernel family `"pallas"`/`"interpret"` use: `"gpu"` (Mosaic GPU,
+      Hopper), `"tpu"` (Mosaic TPU; interpreted by `pltpu.InterpretParams`), or `None` (the
+      platform's own; for `"interpret"` the TPU-style kernels under the generic interpreter).
+    - `block_m`, `block_h`: token-block rows and hidden-chunk width (defaults per backend).
+
+    All arguments share one dtype (float32, bfloat16 or float16); matmuls accumulate in float32
+    and the hidden activation is rounded to that dtype before `w2`.
+
+    **Returns:**
+
+    `(..., d_out)` in `x.dtype`. Under `jax.grad`, the Pallas implementations save only the
+    inputs and recompute the `tokens x hidden` activation blockwise in the backward.
+    A shape or dtype a kernel cannot serve falls back to `"xla"` with a one-time warning.
+    """
+    check_ffn_args("ffn", x, [("w1", w1)], [("b1", b1)], "w2", w2, "b2", b2)
+    return _dispatch("ffn", Hidden(activation), x, (w1,), (b1,), w2, b2, implementation,
+                     backend, block_m, block_h)
+
+
+def gated_ffn(
+    x: Float[Array, "*batch d"],
+    wg: Float[Array, "d hidden"],
+    wu: Float[Array, "d hidden"],
+    w2: Float[Array, "hidden d_out"],
+    *,
+    bg: Float[Array, " hidden"] | None = None,
+    bu: Float[Array, " hidden"] | None = None,
+    b2: Float[Array, " d_out"] | None = None,
+    activation: Activation = jax.nn.silu,
+    implementation: Implementation = "auto",
+    backend: KernelFamily | None = None,
+    block_m: int | None = None,
+    block_h: int | None = None,
+) -> Float[Array, "*batch d_out"]:
+    """The gated feed-forward block (SwiGLU by default), fused.
+
+    Computes `(activation(x @ wg + bg) * (x @ wu + bu)) @ w2 + b2`; `wg`, `wu` are `(d, hidden)`,
+    the biases optional. Every other argument and the numerics are as in [`kernels.ffn`][].
+    """
+    check_ffn_args("gated_ffn", x, [("wg", wg), ("wu", wu)], [("bg", bg), ("bu", bu)], "w2", w2,
+                   "b2", b2)
+    return _dispatch("gated_ffn", Gated(activation), x, (wg, wu), (bg, bu), w2, b2,
+                     implementation, backend, block_m, block_h)
+
+
