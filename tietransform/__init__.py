@@ -1,0 +1,22 @@
+"""tietransform: declarative weight tying for JAX, as a function transformation."""
+
+from ._describe import describe as describe
+from ._errors import (
+    StackMaterialisedWarning as StackMaterialisedWarning,
+    UnreadMemberWarning as UnreadMemberWarning,
+)
+from ._pack import pack as pack, unpack as unpack
+from ._placeholders import StackedLeaf as StackedLeaf, TiedLeaf as TiedLeaf
+from ._spec import (
+    Group as Group,
+    Stack as Stack,
+    TieSpec as TieSpec,
+    View as View,
+    group as group,
+    stack as stack,
+    view as view,
+)
+from ._tie import tie as tie
+
+
+__version__ = "0.1.0"

@@ -1,0 +1,90 @@
+"""Every JAX-version-dependent detail tietransform relies on, in one place.
+
+Supported: jax 0.10 through 0.12. Drift this module absorbs:
+
+- 0.11 merged `ClosedJaxpr` into `Jaxpr`; both still expose `.jaxpr` (the open jaxpr to evaluate)
+  and `.consts`.
+- 0.11 replaced scan's `num_consts`/`num_carry` params by the flat trees `ft_in`/`ft_out`.
+- Binding one equation with its source information and context needs
+  `jax._src.source_info_util`; it is imported guardedly, and without it equations are still
+  bound correctly, only with less precise tracebacks.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+
+try:  # Private, used only to keep user tracebacks pointing at user code.
+    from jax._src import source_info_util as _source_info_util
+except ImportError:  # pragma: no cover - depends on the installed jax
+    _source_info_util = None
+
+JAX_VERSION: tuple[int, ...] = tuple(
+    int(part) for part in jax.__version__.split(".")[:3] if part.isdigit()
+)
+
+JIT_PRIMITIVE_NAMES = frozenset({"jit", "pjit", "closed_call", "core_call"})
+CHECKPOINT_PRIMITIVE_NAMES = frozenset({"checkpoint", "remat", "remat2"})
+
+
+def open_jaxpr(closed: Any) -> tuple[Any, Sequence[Any]]:
+    """Splits a closed jaxpr (any version) into the open jaxpr to evaluate and its consts."""
+    return closed.jaxpr, list(closed.consts)
+
+
+def split_jaxpr(jaxpr: Any) -> tuple[Any, list[Any]]:
+    """`(open jaxpr, consts)` of a jaxpr found in equation params, closed or open (any version)."""
+    if isinstance(jaxpr, jax.extend.core.ClosedJaxpr):
+        return jaxpr.jaxpr, list(jaxpr.consts)
+    return jaxpr, []
+
+
+def inner_jaxprs(eqn: Any) -> list[Any]:
+    """The jaxprs in an equation's params: non-empty exactly for higher-order primitives."""
+    return list(jax.extend.core.jaxprs_in_params(eqn.params))
+
+
+def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
+    """Evaluates an open jaxpr, keeping each equation's source information and context."""
+    return jax.core.eval_jaxpr(jaxpr, list(consts), *args)
+
+
+def bind_equation(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+    """Binds one jaxpr equation to `invals`, as `eval_jaxpr` does, returning a list of outputs."""
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    if _source_info_util is not None:
+        name_stack = _source_info_util.current_name_stack() + eqn.source_info.name_stack
+        with (
+            _source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
+            eqn.ctx.manager,
+        ):
+            out = eqn.primitive.bind(*invals, **bind_params)
+    else:  # pragma: no cover
+        with eqn.ctx.manager:
+            out = eqn.primitive.bind(*invals, **bind_params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def scan_layout(params: dict[str, Any]) -> tuple[int, int]:
+    """`(num_consts, num_carry)` of a scan equation; its remaining inputs are the xs."""
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(consts), len(carry)
+
+
+def scan_options(params: dict[str, Any]) -> dict[str, Any]:
+    """The `lax.scan` keyword arguments (`length`, `reverse`, `unroll`) of a scan equation."""
+    return {"length": params["length"], "reverse": params["reverse"], "unroll": params["unroll"]}
+
+
+def checkpoint_options(params: dict[str, Any]) -> dict[str, Any]:
+    """The `jax.checkpoint` keyword arguments of a checkpoint equation."""
+    return {"prevent_cse": params.get("prevent_cse", True), "policy": params.get("policy")}
+
+
+def is_literal(atom: Any) -> bool:
+    """Whether a jaxpr atom is a `Literal` (scalars arrive as literals, not `Var`s)."""
+    return isinstance(atom, jax.extend.core.Literal)

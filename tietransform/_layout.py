@@ -1,0 +1,276 @@
+"""Checking leaves against a plan, and computing full leaves from packed ones.
+
+`full_layout` checks a full (unpacked) model against a plan and says what `pack` stores;
+`packed_layout` checks a packed pytree and says how `unpack` and `tie` rebuild every member.
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._errors import describe_leaf, format_type, is_array, leaf_type
+from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder
+from ._resolve import Plan, StackSlot, TieSlot
+
+
+_REPACK = "Pack the params with `tt.pack(params, spec)`, using the same spec you pass here."
+
+
+@dataclasses.dataclass(frozen=True)
+class StackLayout:
+    """How one stacked leaf is stored: full slice `i` is row `rows[i]` of the kept slices `kept`."""
+
+    kept: tuple[int, ...]
+    rows: tuple[int, ...]
+    groups: tuple[str, ...]
+    slices: dict[str, tuple[int, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class FullLayout:
+    """What `pack` stores for a full model: the tie slots that hold arrays, and the stacks."""
+
+    slots: tuple[TieSlot, ...]
+    stacks: dict[int, StackLayout]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """How to rebuild a full model from packed leaves."""
+
+    slots: tuple[TieSlot, ...]
+    stacks: tuple[int, ...]
+
+
+def _types_listing(plan: Plan, leaves: Sequence[Any], indices: Sequence[int]) -> str:
+    width = max(len(plan.paths[i]) for i in indices)
+    return "\n".join(f"  {plan.paths[i]:<{width}}  {describe_leaf(leaves[i])}" for i in indices)
+
+
+def _check_slot(plan: Plan, slot: TieSlot, leaves: Sequence[Any]) -> bool:
+    """Checks one slot of a full model; returns whether it ties arrays (else it is left alone)."""
+    indices = (slot.canonical, *slot.readers)
+    arrays = [is_array(leaves[i]) for i in indices]
+    if not any(arrays) and not slot.member_is_leaf:
+        return False  # e.g. an activation function inside a tied MLP: not a parameter.
+    if not all(arrays):
+        raise ValueError(
+            f"Tie group {slot.group!r} contains non-array leaves; only arrays can be tied:\n"
+            f"{_types_listing(plan, leaves, indices)}\n"
+            "Select array leaves (or subtrees whose arrays line up) in the declaration."
+        )
+    source = leaf_type(leaves[slot.canonical])
+    if slot.fn is None:
+        expected = [source] * len(slot.readers)
+        problem = "must have the same shape and dtype"
+    else:
+        expected = [_view_type(plan, slot, source)] * len(slot.readers)
+        problem = "must fit the output of its view"
+    for reader, want in zip(slot.readers, expected, strict=True):
+        got = leaf_type(leaves[reader])
+        if got != want:
+            weak = got[:2] == want[:2]
+            raise ValueError(
+                f"Members of tie group {slot.group!r} {problem}. Got:\n"
+                f"{_types_listing(plan, leaves, indices)}\n"
+                + (
+                    "They differ only in weak type; create the arrays with an explicit dtype "
+                    "(e.g. `jnp.asarray(x, jnp.float32)`)."
+                    if weak
+                    else "Declare a view (e.g. `tt.view(src, dst, jnp.transpose)`) if a transform "
+                    "is intended."
+                )
+            )
+    return True
+
+
+def _view_type(plan: Plan, slot: TieSlot, source: tuple[Any, ...]) -> tuple[Any, ...]:
+    shape, dtype, weak = source
+    assert slot.fn is not None
+    try:
+        out = jax.eval_shape(slot.fn, jax.ShapeDtypeStruct(shape, dtype, weak_type=weak))
+    except Exception as error:
+        raise ValueError(
+            f"The function of view {slot.group!r} fails on {plan.paths[slot.canonical]} "
+            f"({format_type(shape, dtype, weak)}): {type(error).__name__}: {error}"
+        ) from error
+    if not isinstance(out, jax.ShapeDtypeStruct):
+        raise ValueError(
+            f"The function of view {slot.group!r} must return one array, got "
+            f"{jax.tree_util.tree_structure(out)}."
+        )
+    return tuple(out.shape), np.dtype(out.dtype), bool(out.weak_type)
+
+
+def _stack_layouts(plan: Plan, leaves: Sequence[Any]) -> dict[int, StackLayout]:
+    by_leaf: dict[int, list[StackSlot]] = {}
+    for stack in plan.stacks:
+        by_leaf.setdefault(stack.leaf, []).append(stack)
+    layouts = {}
+    for leaf, stacks in by_leaf.items():
+        x = leaves[leaf]
+        path = plan.paths[leaf]
+        if not is_array(x) or not leaf_type(x)[0]:
+            raise ValueError(
+                f"tt.stack group {stacks[0].group!r} selects {path} ({describe_leaf(x)}), which is "
+                "not a stacked array; stacked ties need an array with a leading axis."
+            )
+        length = leaf_type(x)[0][0]
+        source = list(range(length))
+        slices: dict[str, tuple[int, ...]] = {}
+        claimed: dict[int, str] = {}
+        for stack in stacks:
+            normal = _normalise_slices(stack, path, length)
+            for i in normal:
+                if i in claimed:
+                    raise ValueError(
+                        f"Tie groups {claimed[i]!r} and {stack.group!r} overlap at {path}[{i}]. "
+                        "A slice can belong to one group only."
+                    )
+                claimed[i] = stack.group
+            canonical = normal[0] if stack.canonical is None else stack.canonical % length
+            for i in normal:
+                source[i] = canonical
+            slices[stack.group] = normal
+        kept = tuple(sorted(set(source)))
+        rows = tuple(kept.index(s) for s in source)
+        layouts[leaf] = StackLayout(kept, rows, tuple(s.group for s in stacks), slices)
+    return layouts
+
+
+def _normalise_slices(stack: StackSlot, path: str, length: int) -> tuple[int, ...]:
+    bad = [s for s in stack.slices if not -length <= s < length]
+    if bad:
+        raise ValueError(
+            f"tt.stack group {stack.group!r}: slices {bad} are out of range for {path}, whose "
+            f"leading axis has length {length}."
+        )
+    normal = tuple(sorted(s % length for s in stack.slices))
+    if len(set(normal)) != len(normal):
+        raise ValueError(
+            f"tt.stack group {stack.group!r} names the same slice twice: {list(stack.slices)} "
+            f"on an axis of length {length}."
+        )
+    return normal
+
+
+def full_layout(plan: Plan, leaves: Sequence[Any]) -> FullLayout:
+    """Checks a full model's leaves against `plan`; raises `ValueError` naming what is wrong."""
+    for path, leaf in zip(plan.paths, leaves, strict=True):
+        if is_placeholder(leaf):
+            raise ValueError(
+                f"These params are already packed ({path} is {leaf!r}); pass them to "
+                "`tt.unpack` or to the tied function instead."
+            )
+    slots = tuple(slot for slot in plan.slots if _check_slot(plan, slot, leaves))
+    return FullLayout(slots, _stack_layouts(plan, leaves))
+
+
+def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
+    """Checks packed leaves against `plan`; raises `ValueError` naming what does not match."""
+    slots = []
+    expected_placeholders: set[int] = set()
+    for slot in plan.slots:
+        readers = [leaves[r] for r in slot.readers]
+        canonical = leaves[slot.canonical]
+        if not any(is_placeholder(r) or is_array(r) for r in readers) and not is_array(canonical):
+            if not slot.member_is_leaf:
+                continue  # a non-array leaf inside tied subtrees, left alone by `pack`.
+        for reader, value in zip(slot.readers, readers, strict=True):
+            if not (
+                isinstance(value, TiedLeaf)
+                and value.group == slot.group
+                and value.source == plan.paths[slot.canonical]
+            ):
+                raise ValueError(
+                    f"The packed params do not match the spec: {plan.paths[reader]} holds "
+                    f"{describe_leaf(value) if not is_placeholder(value) else value!r} where "
+                    f"tie group {slot.group!r} expects a TiedLeaf reading "
+                    f"{plan.paths[slot.canonical]}. {_REPACK}"
+                )
+        if not is_array(canonical):
+            raise ValueError(
+                f"The packed params do not match the spec: the canonical leaf "
+                f"{plan.paths[slot.canonical]} of tie group {slot.group!r} holds "
+                f"{describe_leaf(canonical) if not is_placeholder(canonical) else canonical!r}, "
+                f"not an array. {_REPACK}"
+            )
+        if slot.fn is None:
+            have = leaf_type(canonical)
+            for reader, value in zip(slot.readers, readers, strict=True):
+                if (value.shape, value.dtype, value.weak_type) != have:
+                    raise ValueError(
+                        f"The packed params do not match the spec: {plan.paths[slot.canonical]} "
+                        f"is {format_type(*have)} but was packed as "
+                        f"{format_type(value.shape, value.dtype, value.weak_type)} (its reader "
+                        f"{plan.paths[reader]}). {_REPACK}"
+                    )
+        expected_placeholders.update(slot.readers)
+        slots.append(slot)
+    stacks = sorted({stack.leaf for stack in plan.stacks})
+    for leaf in stacks:
+        value = leaves[leaf]
+        groups = {s.group for s in plan.stacks if s.leaf == leaf}
+        if not isinstance(value, StackedLeaf) or set(value.groups) != groups:
+            raise ValueError(
+                f"The packed params do not match the spec: {plan.paths[leaf]} holds "
+                f"{value!r} where tie groups {sorted(groups)} expect a StackedLeaf. {_REPACK}"
+            )
+        expected_placeholders.add(leaf)
+    for index, (path, leaf) in enumerate(zip(plan.paths, leaves, strict=True)):
+        if is_placeholder(leaf) and index not in expected_placeholders:
+            raise ValueError(
+                f"The packed params do not match the spec: {path} holds {leaf!r}, but no tie "
+                f"group of this spec covers it. {_REPACK}"
+            )
+    return PackedLayout(tuple(slots), tuple(stacks))
+
+
+def check_view_output(plan: Plan, slot: TieSlot, reader: int, value: Any, expect: TiedLeaf) -> None:
+    """Raises if a view produced a value whose type does not fit the member it stands for."""
+    got = leaf_type(value)
+    want = (expect.shape, expect.dtype, expect.weak_type)
+    if got != want:
+        raise ValueError(
+            f"The function of view {slot.group!r} applied to {plan.paths[slot.canonical]} gives "
+            f"{format_type(*got)}, which does not fit {plan.paths[reader]} "
+            f"({format_type(*want)}). Fix the view function or the declaration."
+        )
+
+
+def take_rows(data: Any, rows: Sequence[int]) -> Any:
+    """The full stacked array `data[rows]` (an `L`-fold gather of the kept slices)."""
+    return jnp.take(data, np.asarray(rows, dtype=np.int32), axis=0)
+
+
+def full_leaves(
+    plan: Plan,
+    layout: PackedLayout,
+    leaves: Sequence[Any],
+    stacked: Callable[[StackedLeaf], Any] | None = None,
+) -> list[Any]:
+    """The leaves of the full model, computed from packed `leaves`.
+
+    Members of a plain tie get the canonical leaf itself (the same object, or tracer); view
+    members get `fn(canonical)`; stacked leaves get `stacked(leaf)` (default: `take_rows`).
+    """
+    out = list(leaves)
+    for slot in layout.slots:
+        source = leaves[slot.canonical]
+        for reader in slot.readers:
+            if slot.fn is None:
+                out[reader] = source
+            else:
+                value = slot.fn(source)
+                check_view_output(plan, slot, reader, value, leaves[reader])
+                out[reader] = value
+    for leaf in layout.stacks:
+        stacked_leaf = leaves[leaf]
+        out[leaf] = (
+            stacked(stacked_leaf) if stacked is not None else take_rows(stacked_leaf.data, stacked_leaf.rows)
+        )
+    return out

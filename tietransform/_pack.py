@@ -1,0 +1,133 @@
+"""`pack` and `unpack`: between a full model and its deduplicated (packed) pytree."""
+
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._errors import leaf_type
+from ._layout import FullLayout, full_layout, full_leaves, packed_layout
+from ._placeholders import StackedLeaf, TiedLeaf
+from ._resolve import Plan, flatten, plan_for
+from ._spec import TieSpec
+
+
+PyTree = TypeVar("PyTree")
+
+
+def pack(params: PyTree, spec: TieSpec, *, require_equal: bool = False, copy: bool = True) -> PyTree:
+    """Deduplicate `params`: keep one buffer per tied leaf.
+
+    **Arguments:**
+
+    - `params`: the full model: an Equinox module or any pytree (dicts, lists, ...). Non-array
+      leaves are kept as they are.
+    - `spec`: the [`tietransform.TieSpec`][] naming the groups.
+    - `require_equal`: if `True`, refuse members whose values differ from their group's canonical
+      value (through its view), e.g. when re-tying a checkpoint that was saved untied. Needs
+      concrete arrays (call it outside `jit`).
+    - `copy`: copy the kept arrays, so that donating the packed pytree cannot delete buffers the
+      original model still holds. Pass `False` to share buffers and save memory.
+
+    **Returns:**
+
+    A pytree of the same type. Each group's canonical leaves keep their values; every other member
+    leaf becomes a [`tietransform.TiedLeaf`][] (a pytree node with no leaves), and each stacked
+    array with tied slices becomes a [`tietransform.StackedLeaf`][] holding only its distinct
+    slices. `jax.tree.leaves` of the result therefore lists one array per buffer, and so do
+    gradients, optimizer states and checkpoints made from it.
+
+    **Raises:**
+
+    `ValueError` naming the paths, shapes and dtypes involved when the spec does not fit the
+    model: a pattern that matches nothing, overlapping groups, members of different structure,
+    shape, dtype or weak type, non-array members, a view whose output does not fit its member.
+    """
+    keypaths, leaves, treedef = flatten(params)
+    plan = plan_for(spec, keypaths, treedef)
+    layout = full_layout(plan, leaves)
+    if require_equal:
+        _check_equal(plan, layout, leaves)
+    out = [_copy(x) if copy else x for x in leaves]
+    for slot in layout.slots:
+        for reader in slot.readers:
+            out[reader] = TiedLeaf(slot.group, plan.paths[slot.canonical], *leaf_type(leaves[reader]))
+    for leaf, stack in layout.stacks.items():
+        data = jnp.take(leaves[leaf], np.asarray(stack.kept, dtype=np.int32), axis=0)
+        out[leaf] = StackedLeaf(data, stack.rows, stack.groups, leaf_type(leaves[leaf])[2])
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def unpack(packed: PyTree, spec: TieSpec) -> PyTree:
+    """Rebuild the full model from a packed pytree.
+
+    **Arguments:**
+
+    - `packed`: the output of [`tietransform.pack`][] (or a pytree of the same structure, e.g. a
+      gradient or an updated model).
+    - `spec`: the same [`tietransform.TieSpec`][] it was packed with.
+
+    **Returns:**
+
+    The full model: every member of a plain tie holds its group's canonical array (the same
+    object), view members hold `fn(canonical)`, stacked arrays are whole again.
+
+    **Raises:**
+
+    `ValueError` if `packed` does not have the structure that `pack(params, spec)` produces.
+    """
+    keypaths, leaves, treedef = flatten(packed)
+    plan = plan_for(spec, keypaths, treedef)
+    layout = packed_layout(plan, leaves)
+    return jax.tree_util.tree_unflatten(treedef, full_leaves(plan, layout, leaves))
+
+
+def _copy(x: Any) -> Any:
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return jnp.array(x, copy=True)
+    return x
+
+
+def _concrete(x: Any, path: str) -> np.ndarray:
+    try:
+        return np.asarray(x)
+    except jax.errors.JAXTypeError as error:  # a tracer
+        raise ValueError(
+            f"pack(..., require_equal=True) needs concrete arrays, but {path} is traced. Call "
+            "`tt.pack` outside `jax.jit`, or drop `require_equal`."
+        ) from error
+
+
+def _check_equal(plan: Plan, layout: FullLayout, leaves: list[Any]) -> None:
+    for slot in layout.slots:
+        source = leaves[slot.canonical]
+        expect = _concrete(source if slot.fn is None else slot.fn(source), plan.paths[slot.canonical])
+        for reader in slot.readers:
+            got = _concrete(leaves[reader], plan.paths[reader])
+            if not np.array_equal(got, expect, equal_nan=expect.dtype.kind in "fc"):
+                diff = np.max(np.abs(got.astype(np.float64) - expect.astype(np.float64)))
+                relation = "" if slot.fn is None else " (through its view)"
+                raise ValueError(
+                    f"Members of tie group {slot.group!r} hold different values: "
+                    f"{plan.paths[reader]} differs from {plan.paths[slot.canonical]}{relation} by "
+                    f"up to {diff:.3g}. Drop `require_equal=True` to keep the canonical value, or "
+                    "fix the checkpoint."
+                )
+    for leaf, stack in layout.stacks.items():
+        array = _concrete(leaves[leaf], plan.paths[leaf])
+        for i, row in enumerate(stack.rows):
+            kept = stack.kept[row]
+            if not np.array_equal(array[i], array[kept], equal_nan=array.dtype.kind in "fc"):
+                raise ValueError(
+                    f"Slices of {plan.paths[leaf]} tied by tt.stack hold different values: "
+                    f"slice {i} differs from slice {kept}. Drop `require_equal=True` to keep the "
+                    "canonical slice."
+                )
+
+
+def is_packed_like(tree: Any) -> bool:
+    """Whether `tree` contains placeholders (is packed rather than full)."""
+    _, leaves, _ = flatten(tree)
+    return any(isinstance(x, TiedLeaf | StackedLeaf) for x in leaves)
+

@@ -1,0 +1,289 @@
+"""Resolving a `TieSpec` against a pytree structure into a `Plan`: which leaf reads which buffer.
+
+Resolution depends only on the tree's structure (its treedef), never on array values, so a plan
+is computed once per structure and kept on the spec. A packed pytree and its full model flatten to
+the same treedef (placeholders count as leaves), so they share one plan.
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from ._paths import KeyPath, Segment, format_path, matches, nearest, parse_pattern, segments
+from ._placeholders import is_placeholder
+from ._spec import Group, Selector, Stack, TieSpec, View
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One selected node: its path and the flat indices of the leaves under it, in order."""
+
+    path: str
+    keys: KeyPath
+    leaves: tuple[int, ...]
+    relative: tuple[tuple[Segment, ...], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TieSlot:
+    """One buffer: leaf `canonical` keeps its value; each leaf in `readers` reads it (via `fn`)."""
+
+    group: str
+    canonical: int
+    readers: tuple[int, ...]
+    fn: Callable[[Any], Any] | None
+    member_is_leaf: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class StackSlot:
+    """Slices `slices` (as declared, may be negative) of the stacked leaf `leaf` share one buffer."""
+
+    group: str
+    leaf: int
+    slices: tuple[int, ...]
+    canonical: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupPlan:
+    """A resolved group, for messages and `describe`."""
+
+    name: str
+    kind: str
+    members: tuple[Member, ...]
+    canonical: Member
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything `pack`, `unpack` and `tie` need to know about a structure under a spec."""
+
+    treedef: Any
+    paths: tuple[str, ...]
+    groups: tuple[GroupPlan, ...]
+    slots: tuple[TieSlot, ...]
+    stacks: tuple[StackSlot, ...]
+
+
+def flatten(tree: Any) -> tuple[list[KeyPath], list[Any], Any]:
+    """Flattens with paths, treating placeholders as leaves: `(keypaths, leaves, treedef)`."""
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_placeholder)
+    keypaths = [tuple(path) for path, _ in with_paths]
+    return keypaths, [leaf for _, leaf in with_paths], treedef
+
+
+def plan_for(spec: TieSpec, keypaths: Sequence[KeyPath], treedef: Any) -> Plan:
+    """The plan of `spec` on the structure `treedef` (cached on the spec)."""
+    if not isinstance(spec, TieSpec):
+        raise TypeError(f"Expected a tietransform.TieSpec, got {type(spec).__name__}.")
+    plan = spec._plans.get(treedef)
+    if plan is None:
+        plan = _Resolver(spec, keypaths, treedef).plan()
+        spec._plans[treedef] = plan
+    return plan
+
+
+class _Marker:
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+class _Resolver:
+    def __init__(self, spec: TieSpec, keypaths: Sequence[KeyPath], treedef: Any):
+        self.spec = spec
+        self.treedef = treedef
+        self.keypaths = [tuple(k) for k in keypaths]
+        self.segments = [segments(k) for k in self.keypaths]
+        self.nodes: dict[KeyPath, list[int]] = {}
+        for index, keys in enumerate(self.keypaths):
+            for depth in range(1, len(keys) + 1):
+                self.nodes.setdefault(keys[:depth], []).append(index)
+
+    # -- selecting nodes -------------------------------------------------------------------
+    def select(self, name: str, selector: Selector) -> list[Member]:
+        keys = self._select_pattern(name, selector) if isinstance(selector, str) else (
+            self._select_where(name, selector)
+        )
+        members = [self._member(name, k) for k in keys]
+        return sorted(members, key=lambda m: m.leaves[0])
+
+    def _select_pattern(self, name: str, pattern: str) -> list[KeyPath]:
+        parsed = parse_pattern(pattern)
+        found = [k for k in self.nodes if matches(parsed, segments(k))]
+        if not found:
+            candidates = [format_path(k) for k in self.nodes]
+            hint = nearest(pattern.lstrip("."), candidates)
+            raise ValueError(
+                f"Pattern {pattern!r} of tie group {name!r} matches nothing in the model."
+                + (f" Nearest paths: {', '.join(hint)}." if hint else "")
+                + " Paths look like 'blocks[0].mlp.weight'; `*` matches one segment, `**` many."
+            )
+        return found
+
+    def _select_where(self, name: str, where: Callable[[Any], Any]) -> list[KeyPath]:
+        markers = [_Marker(i) for i in range(len(self.keypaths))]
+        tree = jax.tree_util.tree_unflatten(self.treedef, markers)
+        try:
+            picked = where(tree)
+        except Exception as error:
+            raise ValueError(
+                f"The `where` function of tie group {name!r} failed on the model's structure "
+                f"({type(error).__name__}: {error}). It must only select nodes, e.g. "
+                "`lambda m: [b.mlp for b in m.blocks]`, not compute with them."
+            ) from error
+        picked = list(picked) if isinstance(picked, list | tuple) else [picked]
+        wanted = {id(obj): obj for obj in picked}
+        located: dict[int, KeyPath] = {}
+        with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: id(x) in wanted)
+        for path, obj in with_paths:
+            if id(obj) in wanted:
+                located.setdefault(id(obj), tuple(path))
+        for obj in picked:
+            if id(obj) not in located:
+                raise ValueError(
+                    f"The `where` function of tie group {name!r} returned {type(obj).__name__}, "
+                    "which is not a node of the model. Return nodes of the model it is given, "
+                    "e.g. `lambda m: [b.mlp for b in m.blocks]`."
+                )
+        return list(dict.fromkeys(located[id(obj)] for obj in picked))
+
+    def _member(self, name: str, keys: KeyPath) -> Member:
+        leaves = tuple(self.nodes.get(keys, ()))
+        if not keys:
+            raise ValueError(f"Tie group {name!r} selects the whole model; select its parts.")
+        if not leaves:
+            raise ValueError(
+                f"Tie group {name!r} selects {format_path(keys)}, which holds no leaves."
+            )
+        relative = tuple(self.segments[i][len(keys) :] for i in leaves)
+        return Member(format_path(keys), keys, leaves, relative)
+
+    # -- checks ----------------------------------------------------------------------------
+    def _check_disjoint(self, name: str, members: Sequence[Member]) -> None:
+        for a, b in zip(members, members[1:], strict=False):
+            if set(a.leaves) & set(b.leaves):
+                raise ValueError(
+                    f"Members of tie group {name!r} overlap: {a.path} and {b.path}. A member "
+                    "cannot contain another; make the pattern select one level only."
+                )
+
+    def _check_same_structure(self, name: str, members: Sequence[Member]) -> None:
+        first = members[0]
+        for other in members[1:]:
+            if other.relative != first.relative:
+                only_first = sorted(set(first.relative) - set(other.relative))
+                only_other = sorted(set(other.relative) - set(first.relative))
+                detail = "leaves in a different order" if not (only_first or only_other) else (
+                    f"only {first.path} has {['.'.join(s) for s in only_first]}, "
+                    f"only {other.path} has {['.'.join(s) for s in only_other]}"
+                )
+                raise ValueError(
+                    f"Members of tie group {name!r} must have the same structure. "
+                    f"{first.path} and {other.path} differ: {detail}."
+                )
+
+    def _pick_canonical(self, name: str, members: Sequence[Member], canonical: str | int | None) -> Member:
+        if canonical is None:
+            return members[0]
+        if isinstance(canonical, int):
+            if not -len(members) <= canonical < len(members):
+                raise ValueError(
+                    f"canonical={canonical} is out of range for tie group {name!r}, which has "
+                    f"{len(members)} members."
+                )
+            return members[canonical]
+        wanted = parse_pattern(canonical)
+        for member in members:
+            if matches(wanted, segments(member.keys)):
+                return member
+        raise ValueError(
+            f"canonical={canonical!r} is not a member of tie group {name!r}; its members are "
+            f"{[m.path for m in members]}."
+        )
+
+    # -- building the plan -----------------------------------------------------------------
+    def plan(self) -> Plan:
+        groups: list[GroupPlan] = []
+        slots: list[TieSlot] = []
+        stacks: list[StackSlot] = []
+        claims: dict[int, tuple[str, str]] = {}
+        for name, decl in self.spec.groups.items():
+            if isinstance(decl, Stack):
+                group, new_stacks = self._stack_group(name, decl)
+                stacks.extend(new_stacks)
+                leaves = [s.leaf for s in new_stacks]
+            else:
+                group, new_slots = self._tie_group(name, decl)
+                slots.extend(new_slots)
+                leaves = [leaf for m in group.members for leaf in m.leaves]
+            for leaf in leaves:
+                other = claims.get(leaf)
+                if other is not None and not (other[1] == "stack" == group.kind):
+                    raise ValueError(
+                        f"Tie groups {other[0]!r} and {name!r} overlap at "
+                        f"{format_path(self.keypaths[leaf])}. A leaf can belong to one group "
+                        "only; narrow one of the declarations."
+                    )
+                claims[leaf] = (name, group.kind)
+            groups.append(group)
+        paths = tuple(format_path(k) for k in self.keypaths)
+        return Plan(self.treedef, paths, tuple(groups), tuple(slots), tuple(stacks))
+
+    def _tie_group(self, name: str, decl: Group | View) -> tuple[GroupPlan, list[TieSlot]]:
+        if isinstance(decl, View):
+            sources = self.select(name, decl.source)
+            if len(sources) != 1:
+                raise ValueError(
+                    f"The source of view {name!r} must select exactly one node, got "
+                    f"{[m.path for m in sources]}."
+                )
+            targets = sorted(
+                {m.path: m for sel in decl.targets for m in self.select(name, sel)}.values(),
+                key=lambda m: m.leaves[0],
+            )
+            canonical = sources[0]
+            if any(t.path == canonical.path for t in targets):
+                raise ValueError(f"View {name!r} maps {canonical.path} onto itself.")
+            members = sorted([canonical, *targets], key=lambda m: m.leaves[0])
+            readers, fn, kind = targets, decl.fn, "view"
+        else:
+            members = sorted(
+                {m.path: m for sel in decl.members for m in self.select(name, sel)}.values(),
+                key=lambda m: m.leaves[0],
+            )
+            if len(members) < 2:
+                raise ValueError(
+                    f"Tie group {name!r} selects only one member ({members[0].path}); a tie needs "
+                    "at least two. Check the pattern, e.g. 'blocks[*].mlp'."
+                )
+            canonical = self._pick_canonical(name, members, decl.canonical)
+            readers = [m for m in members if m is not canonical]
+            fn, kind = None, "tie"
+        self._check_disjoint(name, members)
+        self._check_same_structure(name, [canonical, *readers])
+        slots = [
+            TieSlot(
+                name,
+                canonical.leaves[position],
+                tuple(m.leaves[position] for m in readers),
+                fn,
+                member_is_leaf=not relative,
+            )
+            for position, relative in enumerate(canonical.relative)
+        ]
+        return GroupPlan(name, kind, tuple(members), canonical), slots
+
+    def _stack_group(self, name: str, decl: Stack) -> tuple[GroupPlan, list[StackSlot]]:
+        members = self.select(name, decl.selector)
+        self._check_disjoint(name, members)
+        stacks = [
+            StackSlot(name, leaf, decl.slices, decl.canonical)
+            for member in members
+            for leaf in member.leaves
+        ]
+        return GroupPlan(name, "stack", tuple(members), members[0]), stacks

@@ -1,0 +1,171 @@
+"""The jaxpr pass: evaluate a traced function with its parameter reads rewritten.
+
+Plain ties and views need no rewrite at all: `tie` binds every member's input variable to the
+canonical buffer (or to `fn(canonical)` for a view) and the jaxpr is evaluated as traced, which
+gives exactly the program a hand-written "pass the MLP as an argument" model gives.
+
+Stacked ties are where a rewrite pays: the full stacked array is `data[rows]`, an `L`-fold copy if
+built. Its input variable is bound to a lazy `StackedRead`, and the interpreter below rewrites each
+equation that reads it. One rule per higher-order primitive, registered next to its definition:
+
+| primitive            | what happens to a stacked read                                         |
+|----------------------|-------------------------------------------------------------------------|
+| `scan` (as `xs`)     | scans over `rows` instead, reading `data[row]` in the body: no copy     |
+| `jit`/`pjit`         | the inner jaxpr is evaluated inline, so the rules apply inside          |
+| `checkpoint`/`remat` | re-emitted as `jax.checkpoint` with the same policy; rules apply inside |
+| `cond`, `while`, `shard_map`, `custom_jvp_call`, `custom_vjp_call`, `pallas_call`, others | materialised first, with a `StackMaterialisedWarning` |
+| first-order primitives | materialised (a gather XLA fuses into its consumer)                  |
+"""
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _compat
+from ._errors import StackMaterialisedWarning
+from ._layout import take_rows
+
+
+class StackedRead:
+    """A lazy stacked array: slice `i` is `data[rows[i]]`. Never escapes the interpreter."""
+
+    __slots__ = ("data", "rows", "weak_type", "groups")
+
+    def __init__(self, data: Any, rows: tuple[int, ...], weak_type: bool, groups: tuple[str, ...]):
+        self.data = data
+        self.rows = rows
+        self.weak_type = weak_type
+        self.groups = groups
+
+    def shape_dtype(self) -> jax.ShapeDtypeStruct:
+        """The type of the full array, for tracing."""
+        aval = jax.typeof(self.data)
+        shape = (len(self.rows), *aval.shape[1:])
+        return jax.ShapeDtypeStruct(shape, aval.dtype, weak_type=self.weak_type)
+
+    def materialise(self) -> Any:
+        return take_rows(self.data, self.rows)
+
+
+Rule = Callable[[Any, list[Any]], list[Any]]
+_rules: dict[str, Rule] = {}
+
+
+def _is_lazy(x: Any) -> bool:
+    return isinstance(x, StackedRead)
+
+
+def _materialised(values: Sequence[Any]) -> list[Any]:
+    return [v.materialise() if _is_lazy(v) else v for v in values]
+
+
+def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    """Evaluates the open `jaxpr`; arguments may be `StackedRead`s, which the rules rewrite."""
+    if not any(_is_lazy(a) for a in args):
+        return _compat.eval_jaxpr(jaxpr, consts, *args)
+    env: dict[Any, Any] = {}
+
+    def read(atom: Any) -> Any:
+        return atom.val if _compat.is_literal(atom) else env[atom]
+
+    for var, value in zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args], strict=True):
+        env[var] = value
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if any(_is_lazy(v) for v in invals):
+            outs = _rules.get(eqn.primitive.name, _default_rule)(eqn, invals)
+        else:
+            outs = _compat.bind_equation(eqn, invals)
+        for var, value in zip(eqn.outvars, outs, strict=True):
+            env[var] = value
+    return _materialised([read(v) for v in jaxpr.outvars])
+
+
+def _default_rule(eqn: Any, invals: list[Any]) -> list[Any]:
+    if _compat.inner_jaxprs(eqn):
+        groups = sorted({g for v in invals if _is_lazy(v) for g in v.groups})
+        warnings.warn(
+            f"Stacked tie group(s) {groups} are read by `{eqn.primitive.name}`, which tietransform "
+            "does not rewrite: the full stacked array is built there (values and gradients are "
+            "correct; memory is L-fold). Pass the stack to `lax.scan` as `xs` to avoid the copy.",
+            StackMaterialisedWarning,
+            stacklevel=2,
+        )
+    return _compat.bind_equation(eqn, _materialised(invals))
+
+
+def _jit_rule(eqn: Any, invals: list[Any]) -> list[Any]:
+    inner, consts = _compat.split_jaxpr(eqn.params["jaxpr"])
+    return evaluate(inner, consts, invals)
+
+
+for _name in _compat.JIT_PRIMITIVE_NAMES:
+    _rules[_name] = _jit_rule
+
+
+def _scan_rule(eqn: Any, invals: list[Any]) -> list[Any]:
+    num_consts, num_carry = _compat.scan_layout(eqn.params)
+    consts = _materialised(invals[:num_consts])
+    init = _materialised(invals[num_consts : num_consts + num_carry])
+    xs = invals[num_consts + num_carry :]
+    body, body_consts = _compat.split_jaxpr(eqn.params["jaxpr"])
+    scanned = [jnp.asarray(x.rows, jnp.int32) if _is_lazy(x) else x for x in xs]
+
+    def step(carry: list[Any], xs_slice: list[Any]) -> tuple[list[Any], list[Any]]:
+        x_values = [
+            lax.dynamic_index_in_dim(x.data, row, 0, keepdims=False) if _is_lazy(x) else row
+            for x, row in zip(xs, xs_slice, strict=True)
+        ]
+        outs = evaluate(body, body_consts, [*consts, *carry, *x_values])
+        return outs[:num_carry], outs[num_carry:]
+
+    carry, ys = lax.scan(step, init, scanned, **_compat.scan_options(eqn.params))
+    return [*carry, *ys]
+
+
+_rules["scan"] = _scan_rule
+
+
+def _checkpoint_rule(eqn: Any, invals: list[Any]) -> list[Any]:
+    inner, consts = _compat.split_jaxpr(eqn.params["jaxpr"])
+    flat = [v.data if _is_lazy(v) else v for v in invals]
+
+    def rematerialised(*flat_args: Any) -> list[Any]:
+        args = [
+            StackedRead(f, v.rows, v.weak_type, v.groups) if _is_lazy(v) else f
+            for f, v in zip(flat_args, invals, strict=True)
+        ]
+        return evaluate(inner, consts, args)
+
+    return jax.checkpoint(rematerialised, **_compat.checkpoint_options(eqn.params))(*flat)
+
+
+for _name in _compat.CHECKPOINT_PRIMITIVE_NAMES:
+    _rules[_name] = _checkpoint_rule
+
+
+def live_inputs(jaxpr: Any, live_outputs: Sequence[bool] | None = None) -> list[bool]:
+    """Which of `jaxpr.invars` can affect a live output (or an effect). Recurses into `jit` and
+    `checkpoint`; other equations count all their inputs as read."""
+    live_outputs = [True] * len(jaxpr.outvars) if live_outputs is None else live_outputs
+    live: set[Any] = {
+        v for v, keep in zip(jaxpr.outvars, live_outputs, strict=True) if keep and not _compat.is_literal(v)
+    }
+    for eqn in reversed(jaxpr.eqns):
+        outs_live = [v in live for v in eqn.outvars]
+        if not any(outs_live) and not eqn.effects:
+            continue
+        name = eqn.primitive.name
+        if name in _compat.JIT_PRIMITIVE_NAMES or name in _compat.CHECKPOINT_PRIMITIVE_NAMES:
+            inner, _ = _compat.split_jaxpr(eqn.params["jaxpr"])
+            ins_live = live_inputs(inner, outs_live) if not eqn.effects else [True] * len(eqn.invars)
+        else:
+            ins_live = [True] * len(eqn.invars)
+        live.update(
+            v for v, keep in zip(eqn.invars, ins_live, strict=True) if keep and not _compat.is_literal(v)
+        )
+    return [v in live for v in jaxpr.invars]

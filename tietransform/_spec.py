@@ -1,0 +1,194 @@
+"""Declaring tie groups: `TieSpec`, `group`, `view` and `stack`."""
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeAlias
+
+
+Where: TypeAlias = Callable[[Any], Any]
+"""An Equinox-style `where` function: given the model, returns a node or a list of nodes."""
+
+Selector: TypeAlias = str | Where
+"""A path pattern (`"blocks[*].mlp"`) or a `where` function."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """A plain tie group: every member reads the canonical member's value. See [`tietransform.group`][]."""
+
+    members: tuple[Selector, ...]
+    canonical: str | int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """Members that are a function of one source. See [`tietransform.view`][]."""
+
+    source: Selector
+    targets: tuple[Selector, ...]
+    fn: Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+    """Slices of stacked arrays tied to one slice. See [`tietransform.stack`][]."""
+
+    selector: Selector
+    slices: tuple[int, ...]
+    canonical: int | None = None
+
+
+Declaration: TypeAlias = Group | View | Stack
+
+
+def _as_selectors(what: str, value: Any) -> tuple[Selector, ...]:
+    items = tuple(value) if isinstance(value, list | tuple) else (value,)
+    if not items:
+        raise ValueError(f"{what} names no members; give a path pattern or a `where` function.")
+    for item in items:
+        if not (isinstance(item, str) or callable(item)):
+            raise TypeError(
+                f"{what}: expected a path pattern (str) or a `where` function, got "
+                f"{type(item).__name__} ({item!r})."
+            )
+    return items
+
+
+def group(*members: Selector | Sequence[Selector], canonical: str | int | None = None) -> Group:
+    """Declare a tie group explicitly, optionally choosing its canonical member.
+
+    **Arguments:**
+
+    - `*members`: path patterns (`"blocks[*].mlp"`) and/or `where` functions
+      (`lambda m: [b.mlp for b in m.blocks]`). Every node they select is a member; a member that is
+      a subtree is tied leaf by leaf.
+    - `canonical`: the member whose value the group keeps, as its path (`"blocks[2].mlp"`) or its
+      position in path order. Defaults to the first member in path order.
+
+    **Returns:**
+
+    A declaration to pass to [`tietransform.TieSpec`][].
+    """
+    flat: list[Selector] = []
+    for member in members:
+        flat.extend(_as_selectors("tt.group", member))
+    if not flat:
+        raise ValueError("tt.group() needs at least one path pattern or `where` function.")
+    if canonical is not None and not isinstance(canonical, str | int):
+        raise TypeError(f"`canonical` must be a path or an int, got {type(canonical).__name__}.")
+    return Group(tuple(flat), canonical)
+
+
+def view(
+    source: Selector, target: Selector | Sequence[Selector], fn: Callable[[Any], Any]
+) -> View:
+    """Tie `target` to a function of `source`, e.g. a language-model head to the embedding.
+
+    **Arguments:**
+
+    - `source`: a path pattern or `where` function selecting exactly one node; it keeps its value.
+    - `target`: one or more selectors; each selected node reads `fn(source)` (leaf by leaf when the
+      nodes are subtrees).
+    - `fn`: a JAX-traceable function from a source leaf to a target leaf, e.g. `jnp.transpose`.
+
+    **Returns:**
+
+    A declaration to pass to [`tietransform.TieSpec`][]. Gradients reach `source` pulled back
+    through `fn`.
+
+    !!! Example
+        ```python
+        spec = tt.TieSpec(head=tt.view("embed.weight", "head.weight", jnp.transpose))
+        ```
+    """
+    if not callable(fn):
+        raise TypeError(f"tt.view: `fn` must be callable, got {type(fn).__name__}.")
+    (src,) = _as_selectors("tt.view source", source)[:1]
+    if isinstance(source, list | tuple) and len(source) != 1:
+        raise ValueError("tt.view: `source` must select exactly one node.")
+    return View(src, _as_selectors("tt.view target", target), fn)
+
+
+def stack(selector: Selector, slices: Sequence[int], *, canonical: int | None = None) -> Stack:
+    """Tie slices of a stacked (scan-over-layers) array along its leading axis.
+
+    **Arguments:**
+
+    - `selector`: a path pattern or `where` function selecting stacked arrays (or subtrees of
+      them); each selected array `a` of shape `(L, ...)` is tied on its own.
+    - `slices`: the indices `i` along axis 0 whose `a[i]` share one buffer (negative indices count
+      from the end).
+    - `canonical`: the slice whose value is kept; defaults to the first of `slices` in index order.
+
+    **Returns:**
+
+    A declaration to pass to [`tietransform.TieSpec`][]. Inside `lax.scan` over the stack, `tie`
+    reads the kept slices directly, so no `L`-fold copy is built.
+    """
+    slices = tuple(slices)
+    if len(slices) < 2:
+        raise ValueError(f"tt.stack needs at least two slices to tie, got {list(slices)}.")
+    if not all(isinstance(s, int) for s in slices):
+        raise TypeError(f"tt.stack: `slices` must be ints, got {list(slices)}.")
+    if canonical is not None and canonical not in slices:
+        raise ValueError(f"tt.stack: canonical slice {canonical} is not one of {list(slices)}.")
+    (sel,) = _as_selectors("tt.stack", selector)[:1]
+    return Stack(sel, slices, canonical)
+
+
+def _as_declaration(name: str, value: Any) -> Declaration:
+    if isinstance(value, Group | View | Stack):
+        return value
+    try:
+        return Group(_as_selectors(f"Tie group {name!r}", value))
+    except (TypeError, ValueError) as error:
+        raise type(error)(
+            f"{error} Declare groups as `TieSpec({name}='blocks[*].mlp')`, with a `where` "
+            "function, or with tt.group / tt.view / tt.stack."
+        ) from None
+
+
+class TieSpec:
+    """The tie groups of a model, by name.
+
+    **Arguments:**
+
+    - `groups`: an optional mapping from group name to declaration (for names that are not
+      Python identifiers).
+    - `**named_groups`: group name to declaration. A declaration is a path pattern, a `where`
+      function, a list of either, or one of [`tietransform.group`][], [`tietransform.view`][],
+      [`tietransform.stack`][].
+
+    A path pattern such as `"blocks[*].mlp"` selects every node whose path matches (`*` is one
+    segment, `**` any number of segments); a node that is a subtree ties all its array leaves,
+    member by member. A group's canonical value is its first member in path order unless the
+    declaration names another.
+
+    !!! Example
+        ```python
+        spec = tt.TieSpec(
+            ffn="blocks[*].mlp",
+            head=tt.view("embed.weight", "head.weight", jnp.transpose),
+        )
+        ```
+    """
+
+    def __init__(self, groups: Mapping[str, Any] | None = None, /, **named_groups: Any):
+        merged = dict(groups or {})
+        for name in named_groups:
+            if name in merged:
+                raise ValueError(f"Tie group {name!r} is declared twice.")
+        merged.update(named_groups)
+        if not merged:
+            raise ValueError("A TieSpec needs at least one tie group, e.g. TieSpec(ffn='blocks[*].mlp').")
+        for name in merged:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"Tie group names must be non-empty strings, got {name!r}.")
+        self.groups: dict[str, Declaration] = {
+            name: _as_declaration(name, value) for name, value in merged.items()
+        }
+        self._plans: dict[Any, Any] = {}
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={decl!r}" for name, decl in self.groups.items())
+        return f"TieSpec({inner})"

@@ -1,0 +1,198 @@
+"""`tie`: the public transformation. Trace, rewrite the parameter reads, evaluate."""
+
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, overload
+
+import jax
+import numpy as np
+
+from . import _compat
+from ._errors import UnreadMemberWarning, is_array
+from ._layout import full_leaves, packed_layout
+from ._placeholders import StackedLeaf, is_placeholder
+from ._resolve import Plan, flatten, plan_for
+from ._rewrite import StackedRead, evaluate, live_inputs
+from ._spec import TieSpec
+
+
+@overload
+def tie(fn: TieSpec, spec: None = None, /, *, audit: bool = True) -> Callable[[Callable], Callable]: ...
+@overload
+def tie(fn: Callable, spec: TieSpec, /, *, audit: bool = True) -> Callable: ...
+def tie(fn: Any, spec: TieSpec | None = None, /, *, audit: bool = True) -> Any:
+    """Make `fn` read one buffer per tie group.
+
+    Use as `tie(fn, spec)` or as a decorator, `@tie(spec)`.
+
+    **Arguments:**
+
+    - `fn`: a function `(params, *args, **kwargs) -> out`, written as if nothing were tied.
+      Array leaves of `args`/`kwargs` are traced; other leaves are passed through unchanged.
+    - `spec`: a [`tietransform.TieSpec`][] naming the groups.
+    - `audit`: check, at trace time, that every declared member is read and that parameters are
+      not captured by closure (see below). Costs a pass over the jaxpr, at trace time only.
+
+    **Returns:**
+
+    A function `(packed, *args, **kwargs) -> out` taking the output of [`tietransform.pack`][] in
+    place of `params`. Its value is `fn(unpack(packed), *args, **kwargs)`; the gradient with
+    respect to a group's buffer is the sum of the gradients its members receive untied (pulled
+    back through each view). It composes with `jax.jit`, `grad`, `vjp`, `jvp`, `vmap`,
+    `lax.scan`, `jax.checkpoint` and sharding, and under `jit` it costs nothing: the compiled
+    program has one parameter per buffer and is the program a hand-written shared model gives.
+
+    `fn` is traced on every call (let `jax.jit` cache compiled calls); nothing is cached across
+    calls, so configuration such as `jax.default_matmul_precision` is always honoured.
+
+    **Raises / warns:**
+
+    - `ValueError` if `packed` does not have the structure `pack(params, spec)` produces.
+    - `ValueError` if `fn` reads parameters captured by closure instead of its `params` argument.
+    - [`tietransform.UnreadMemberWarning`][] for a declared member `fn` never reads.
+
+    !!! Example
+        ```python
+        spec = tt.TieSpec(ffn="blocks[*].mlp")
+
+        @tt.tie(spec)
+        def loss(model, x, y):
+            return jnp.mean((model(x) - y) ** 2)
+
+        packed = tt.pack(model, spec)
+        value, grads = jax.value_and_grad(loss)(packed, x, y)
+        ```
+    """
+    if isinstance(fn, TieSpec) and spec is None:
+        chosen = fn
+        return lambda f: tie(f, chosen, audit=audit)
+    if not callable(fn):
+        raise TypeError(f"tie: expected a function to tie, got {type(fn).__name__}.")
+    if not isinstance(spec, TieSpec):
+        raise TypeError(
+            "tie needs a TieSpec: use `tie(fn, spec)` or the decorator `@tie(spec)`, got "
+            f"{type(spec).__name__}."
+        )
+    chosen_spec: TieSpec = spec
+
+    @functools.wraps(fn)
+    def tied(packed: Any, *args: Any, **kwargs: Any) -> Any:
+        return _call(fn, chosen_spec, audit, packed, args, kwargs)
+
+    return tied
+
+
+def _call(fn: Callable, spec: TieSpec, audit: bool, packed: Any, args: tuple, kwargs: dict) -> Any:
+    keypaths, leaves, treedef = flatten(packed)
+    plan = plan_for(spec, keypaths, treedef)
+    if not any(is_placeholder(x) for x in leaves):
+        raise ValueError(
+            f"`{_name(fn)}` is tied and takes packed params, but it was given a full model (it "
+            "holds no TiedLeaf/StackedLeaf). Call `tt.pack(params, spec)` and pass the result."
+        )
+    layout = packed_layout(plan, leaves)
+    full = full_leaves(plan, layout, leaves, stacked=_stacked_read)
+    param_mask = [is_array(x) or isinstance(x, StackedRead) for x in full]
+    param_values = [x for x, keep in zip(full, param_mask, strict=True) if keep]
+    arg_leaves, arg_treedef = jax.tree_util.tree_flatten((args, kwargs))
+    arg_mask = [is_array(x) for x in arg_leaves]
+    arg_values = [x for x, keep in zip(arg_leaves, arg_mask, strict=True) if keep]
+    output: dict[str, Any] = {}
+
+    def flat_fn(params_dyn: list[Any], args_dyn: list[Any]) -> list[Any]:
+        model = jax.tree_util.tree_unflatten(treedef, _merge(full, param_mask, params_dyn))
+        call_args, call_kwargs = jax.tree_util.tree_unflatten(
+            arg_treedef, _merge(arg_leaves, arg_mask, args_dyn)
+        )
+        out = fn(model, *call_args, **call_kwargs)
+        out_leaves, output["treedef"] = jax.tree_util.tree_flatten(out)
+        output["mask"] = [is_array(x) for x in out_leaves]
+        output["leaves"] = out_leaves
+        return [x for x, keep in zip(out_leaves, output["mask"], strict=True) if keep]
+
+    specs = [x.shape_dtype() if isinstance(x, StackedRead) else x for x in param_values]
+    closed = jax.make_jaxpr(flat_fn)(specs, arg_values)
+    jaxpr, consts = _compat.open_jaxpr(closed)
+    if audit:
+        leaf_of_invar = [i for i, keep in enumerate(param_mask) if keep]
+        _audit(fn, plan, jaxpr, consts, leaves, leaf_of_invar)
+    outs = evaluate(jaxpr, consts, [*param_values, *arg_values])
+    return jax.tree_util.tree_unflatten(
+        output["treedef"], _merge(output["leaves"], output["mask"], outs)
+    )
+
+
+def _stacked_read(leaf: StackedLeaf) -> StackedRead:
+    return StackedRead(leaf.data, leaf.rows, leaf.weak_type, leaf.groups)
+
+
+def _merge(template: Sequence[Any], mask: Sequence[bool], values: Sequence[Any]) -> list[Any]:
+    it = iter(values)
+    return [next(it) if keep else x for x, keep in zip(template, mask, strict=True)]
+
+
+def _name(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def _audit(
+    fn: Callable,
+    plan: Plan,
+    jaxpr: Any,
+    consts: Sequence[Any],
+    leaves: Sequence[Any],
+    leaf_of_invar: Sequence[int],
+) -> None:
+    """Raises on parameters captured by closure; warns on declared members that are never read."""
+    read = live_inputs(jaxpr)
+    read_leaves = {leaf for leaf, r in zip(leaf_of_invar, read, strict=False) if r}
+    param_leaves = set(leaf_of_invar)
+    unread = [
+        (group.name, member.path)
+        for group in plan.groups
+        for member in group.members
+        if (arrays := [i for i in member.leaves if i in param_leaves])
+        and not any(i in read_leaves for i in arrays)
+    ]
+    if not unread:
+        return
+    captured = _captured_params(consts, leaves, plan.paths)
+    if captured:
+        raise ValueError(
+            f"`{_name(fn)}` reads parameters captured by closure instead of its `params` argument: "
+            f"it never reads {', '.join(path for _, path in unread[:3])}"
+            f"{' ...' if len(unread) > 3 else ''}, and it closes over arrays equal to "
+            f"{', '.join(captured[:3])}. Read every parameter from the first argument, e.g. "
+            "`def loss(model, x): return model(x)`, not a model defined outside the function."
+        )
+    for name, path in unread:
+        warnings.warn(
+            f"Member {path} of tie group {name!r} is never read by `{_name(fn)}`. Check the "
+            "declaration, or that the function reads its parameters from its first argument "
+            "(not from a closure).",
+            UnreadMemberWarning,
+            stacklevel=4,
+        )
+
+
+def _captured_params(consts: Sequence[Any], leaves: Sequence[Any], paths: Sequence[str]) -> list[str]:
+    """Paths of packed arrays that also appear, by identity or by value, among the consts."""
+    found = []
+    concrete = [
+        (i, x)
+        for i, x in enumerate(leaves)
+        if isinstance(x, jax.Array | np.ndarray) and not isinstance(x, jax.core.Tracer)
+    ]
+    for const in consts:
+        if isinstance(const, jax.core.Tracer) or not hasattr(const, "shape"):
+            continue
+        for i, leaf in concrete:
+            if const is leaf or (
+                const.shape == leaf.shape
+                and const.dtype == leaf.dtype
+                and np.array_equal(np.asarray(const), np.asarray(leaf))
+            ):
+                found.append(paths[i])
+                break
+    return found
