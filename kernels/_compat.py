@@ -44,3 +44,56 @@ def tpu_compiler_params(dimension_semantics: Sequence[str]) -> Any:
 def lower_for(fn: Callable[..., Any], platform: str, *args: Any) -> Any:
     """Lower `jax.jit(fn)(*args)` for `platform` (e.g. `"cuda"`), with no device of that kind."""
     return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
+
+
+def _jaxpr_and_consts(closed: Any) -> tuple[Any, Sequence[Any]]:
+    # jax <= 0.10: ClosedJaxpr(jaxpr, consts); 0.11+: one Jaxpr that carries its consts.
+    inner = getattr(closed, "jaxpr", closed)
+    return inner, getattr(closed, "consts", ())
+
+
+def eval_with_plain_adds(closed: Any, *args: Any) -> list[Any]:
+    """Evaluate a jaxpr, binding `add_any` (autodiff's cotangent sum) as `lax.add`.
+
+    Mosaic GPU lowers `add` but has no rule for `add_any`, which every `jax.vjp` emits; the two
+    are the same function on arrays. Nested `jit`/`closed_call` jaxprs (e.g. `jax.nn.gelu` is
+    jitted) are evaluated recursively; every other equation is bound as it is.
+    """
+    from jax import lax  # noqa: PLC0415
+    from jax.extend import core as jex  # noqa: PLC0415
+
+    jaxpr, consts = _jaxpr_and_consts(closed)
+    env: dict[Any, Any] = {}
+
+    def read(v: Any) -> Any:
+        return v.val if isinstance(v, jex.Literal) else env[v]
+
+    for var, val in zip(jaxpr.constvars, consts, strict=True):
+        env[var] = val
+    for var, val in zip(jaxpr.invars, args, strict=True):
+        env[var] = val
+    calls = (jex.primitives.jit_p, jex.primitives.closed_call_p)
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        if eqn.primitive is jex.primitives.add_jaxvals_p:
+            outs = [lax.add(*invals)]
+        elif eqn.primitive in calls and "jaxpr" in eqn.params:
+            outs = eval_with_plain_adds(eqn.params["jaxpr"], *invals)
+        else:
+            # jax 0.10 returns (subfuns, params); 0.12 returns params only.
+            bind_params = eqn.primitive.get_bind_params(eqn.params)
+            subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
+            ans = eqn.primitive.bind(*subfuns, *invals, **params)
+            outs = ans if eqn.primitive.multiple_results else [ans]
+        for var, val in zip(eqn.outvars, outs, strict=True):
+            env[var] = val
+    return [read(v) for v in jaxpr.outvars]
+
+
+def gpu_layout_cast(value: Any, layout: Any, interpret: Any) -> Any:
+    """`plgpu.layout_cast(value, layout)`; the identity when interpreting.
+
+    A layout cast is the identity on values. jax 0.10's Mosaic GPU interpreter has no rule for
+    it, and the interpreters do not model register layouts, so interpreted kernels skip it.
+    """
+    return value if interpret is not False else plgpu.layout_cast(value, layout)

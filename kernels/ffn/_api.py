@@ -51,12 +51,12 @@ def _family_and_interpret(implementation: str, backend: str | None):
     return family, (True if backend is None else _pallas_tpu.interpret_params())
 
 
-def _plan(phi: HiddenFn, x, ws, implementation, backend, block_m, block_h) -> KernelPlan:
+def _plan(phi: HiddenFn, x, ws, w_out, implementation, backend, block_m, block_h) -> KernelPlan:
     family, interpret = _family_and_interpret(implementation, backend)
     tokens, hidden = x.shape[0], ws[0].shape[1]
     if family == "gpu":
-        _pallas_gpu.check_supported(x, ws, compiled=interpret is False)
-        blocks = _pallas_gpu.gpu_blocks(tokens, hidden, block_m, block_h)
+        _pallas_gpu.check_supported(x, ws, w_out, compiled=interpret is False)
+        blocks = _pallas_gpu.gpu_blocks(tokens, hidden, len(ws), block_m, block_h)
         return KernelPlan(phi, blocks, _pallas_gpu.forward, _pallas_gpu.backward, interpret)
     if family == "tpu":
         blocks = _pallas_tpu.tpu_blocks(tokens, hidden, x.dtype, block_m, block_h)
@@ -77,7 +77,7 @@ def _dispatch(fn_name, phi, x, ws, bs, w_out, b_out, implementation, backend, bl
     out = None
     if implementation in ("pallas", "interpret"):
         try:
-            plan = _plan(phi, x2, ws, implementation, backend, block_m, block_h)
+            plan = _plan(phi, x2, ws, w_out, implementation, backend, block_m, block_h)
         except NotImplementedError as e:
             _warn_once(f"{fn_name}: the Pallas kernel cannot serve this call ({e}); "
                        "falling back to the XLA reference.")

@@ -8,12 +8,14 @@ All matmuls accumulate in float32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .. import _compat
 from ._problem import HiddenFn
 
 
@@ -74,15 +76,31 @@ def hidden(phi: HiddenFn, zs: Sequence[jax.Array], mask: jax.Array | None) -> ja
     return _masked(phi(*zs), mask)
 
 
+def _h_and_pullback(phi: HiddenFn, dh: jax.Array, *zs: jax.Array):
+    h, pullback = jax.vjp(phi, *zs)
+    return (h, *pullback(dh))
+
+
 def hidden_and_dz(
-    phi: HiddenFn, zs: Sequence[jax.Array], dh: jax.Array, mask: jax.Array | None
+    phi: HiddenFn,
+    zs: Sequence[jax.Array],
+    dh: jax.Array,
+    mask: jax.Array | None,
+    *,
+    plain_adds: bool = False,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """The recomputed hidden activation `phi(*zs)` and the pre-activation cotangents.
 
-    `dh` is the cotangent of the hidden activation (float32). Both results are zero outside
-    `mask`, so padded rows/columns add nothing to any weight gradient even where `phi'` is not
-    finite at the padding value.
+    `dh` is the cotangent of the hidden activation (float32); the cotangents are `phi`'s
+    `jax.vjp` at `zs`. Both results are zero outside `mask`, so padded rows/columns add nothing
+    to any weight gradient even where `phi'` is not finite at the padding value.
+    `plain_adds=True` evaluates the same jaxpr with `add_any` bound as `add` (for backends,
+    like Mosaic GPU, that lower only the latter).
     """
-    h, pullback = jax.vjp(phi, *zs)
-    dzs = pullback(dh)
+    fn = functools.partial(_h_and_pullback, phi)
+    if plain_adds:
+        avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (dh, *zs)]
+        h, *dzs = _compat.eval_with_plain_adds(jax.make_jaxpr(fn)(*avals), dh, *zs)
+    else:
+        h, *dzs = fn(dh, *zs)
     return _masked(h, mask), tuple(_masked(dz, mask) for dz in dzs)

@@ -1,17 +1,261 @@
-"""Mosaic GPU kernels (stub while the TPU-style path is checked)."""
+"""Mosaic GPU kernels (`plgpu.kernel`, Hopper WGMMA) for the fused FFN.
+
+A fully fused backward would keep a `(block_m, d)` float32 accumulator on chip; at `d = 1024`
+that is 256 KiB per 64-row block, more than a Hopper SM's register file. So the GPU path fuses
+what can be fused and streams the hidden axis in chunks of `chunk` columns (a `lax.scan`, so
+only one chunk's activations are ever alive):
+
+- `hidden kernel` (forward): tiles `(block_m, block_n)` of `h = phi(x W + b)`; `out += h W_out`.
+- `recompute kernel` (backward): per tile, `z = x W + b` and `dh = g W_out^T` in WGMMA
+  accumulators, then the shared epilogue `kernels.ffn._math.hidden_and_dz` writes `h`, `dz`;
+  `dW = x^T dz`, `db = sum dz`, `dW_out = h^T g`, `dx += dz W^T` follow as plain matmuls.
+
+That is 5 GEMM-equivalents in the backward for a plain FFN (the minimum), no `n x tokens x
+hidden` residuals, and `tokens x chunk` of transient memory.
+On CPU the same kernels run under Pallas' Mosaic GPU interpreter (`InterpretGPUParams`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
 from .. import _compat
+from . import _math
+from ._blocking import Blocks, pad_axis
+from ._problem import HiddenFn
 
 
-def interpret_params():
+__all__ = ["backward", "check_supported", "forward", "gpu_blocks", "interpret_params"]
+
+_F32 = jnp.float32
+_SWIZZLE = 128  # bytes; a K-block of one 128-byte swizzle row (64 bf16/f16 elements).
+_BLOCK_M = 64  # one warpgroup's WGMMA M.
+_DEFAULT_CHUNK = 1024
+
+
+def interpret_params() -> Any:
+    """`interpret=` that runs these kernels under the Mosaic GPU interpreter on CPU."""
     return _compat.gpu_interpret_params()
 
 
-def check_supported(x, ws, *, compiled):
-    raise NotImplementedError("Mosaic GPU kernels are not built yet")
+def _block_k(dtype) -> int:
+    return _SWIZZLE // jnp.dtype(dtype).itemsize
 
 
-def gpu_blocks(*a):
-    raise NotImplementedError
+def _transforms(dtype) -> tuple[Any, ...]:
+    return (plgpu.TilingTransform((8, _block_k(dtype))), plgpu.SwizzleTransform(_SWIZZLE))
 
 
-forward = backward = None
+def _block_n(arity: int) -> int:
+    # One float32 WGMMA accumulator of (64, block_n) costs block_n / 2 registers per thread;
+    # the recompute kernel holds arity + 1 of them.
+    return 128 if arity == 1 else 64
+
+
+def check_supported(x: jax.Array, ws: Sequence[jax.Array], w_out: jax.Array, *,
+                    compiled: bool) -> None:
+    """Raise `NotImplementedError` (with the reason) for calls these kernels cannot serve."""
+    dtype = jnp.dtype(x.dtype)
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise NotImplementedError(f"the Mosaic GPU kernels take bfloat16/float16, got {dtype}")
+    bk, bn = _block_k(dtype), _block_n(len(ws))
+    d, hidden, d_out = x.shape[1], ws[0].shape[1], w_out.shape[1]
+    for name, size, mult in (("d", d, bk), ("d_out", d_out, bk), ("hidden", hidden, bn)):
+        if size % mult:
+            raise NotImplementedError(f"{name}={size} is not a multiple of {mult}")
+    if compiled:
+        cc = getattr(jax.devices()[0], "compute_capability", "0")
+        if float(cc) < 9.0:
+            raise NotImplementedError(f"WGMMA needs an sm_90 (Hopper) GPU, found sm_{cc}")
+
+
+def gpu_blocks(tokens: int, hidden: int, arity: int, block_m: int | None,
+               block_h: int | None) -> Blocks:
+    """Token blocks of 64 rows; `block_h` is the streamed hidden chunk (a divisor of `hidden`)."""
+    bn = _block_n(arity)
+    chunk = min(block_h or _DEFAULT_CHUNK, hidden)
+    chunk -= chunk % bn
+    while hidden % chunk:
+        chunk -= bn
+    return Blocks(tokens, hidden, block_m or _BLOCK_M, chunk)
+
+
+def _tile_gemm(acc_ref, a_gmem, b_gmem, mi, ni, bm: int, bn: int):
+    """`acc += a[mi block, :] @ b[:, ni block]`, pipelined over K through swizzled SMEM."""
+    dtype = a_gmem.dtype
+    bk, tr = _block_k(dtype), _transforms(dtype)
+
+    def step(_, a_smem, b_smem):
+        plgpu.wgmma(acc_ref, a_smem, b_smem)
+        plgpu.wgmma_wait(0)
+
+    plgpu.emit_pipeline(
+        step,
+        grid=(a_gmem.shape[1] // bk,),
+        in_specs=[
+            plgpu.BlockSpec((bm, bk), lambda kk: (mi, kk), transforms=tr),
+            plgpu.BlockSpec((bk, bn), lambda kk: (kk, ni), transforms=tr),
+        ],
+        max_concurrent_steps=2,
+    )(a_gmem, b_gmem)
+
+
+def _tiles_kernel(epilogue, operands, n_gemms: int, n_bias: int, n_out: int, rows: int,
+                  cols: int, bm: int, bn: int, interpret: Any):
+    """One `plgpu.kernel` over `(rows/bm, cols/bn)` tiles.
+
+    `operands = (a_1, b_1, ..., a_g, b_g, bias_1, ..., bias_q)`; the tile computes the float32
+    accumulators `a_i @ b_i`, adds bias `i` to
+    accumulator `i`, and stores `epilogue(*accumulators)` (`n_out` arrays) to `(rows, cols)`.
+    """
+    dtype = operands[0].dtype
+    tr = _transforms(dtype)
+
+    def body(*refs):
+        ins, outs, scratch = refs[: len(operands)], refs[len(operands): len(operands) + n_out], \
+            refs[len(operands) + n_out:]
+        out_smems, bias_smems, barrier = scratch[:n_out], scratch[n_out:-1], scratch[-1]
+        mi, ni = lax.axis_index("m"), lax.axis_index("n")
+        accs = []
+        for g in range(n_gemms):
+            a_gmem, b_gmem = ins[2 * g], ins[2 * g + 1]
+
+            def scope(acc_ref, a_gmem=a_gmem, b_gmem=b_gmem, g=g):
+                _tile_gemm(acc_ref, a_gmem, b_gmem, mi, ni, bm, bn)
+                return acc_ref[...]
+
+            accs.append(pl.run_scoped(scope, plgpu.ACC((bm, bn), _F32)))
+        for q in range(n_bias):
+            plgpu.copy_gmem_to_smem(ins[2 * n_gemms + q].at[pl.ds(ni * bn, bn)], bias_smems[q],
+                                    barrier.at[q])
+            plgpu.barrier_wait(barrier.at[q])
+            b = _compat.gpu_layout_cast(bias_smems[q][...], plgpu.Layout.WGMMA.reduce(0),
+                                        interpret)
+            accs[q] = accs[q] + lax.broadcast_in_dim(b.astype(_F32), (bm, bn), (1,))
+        results = epilogue(*accs)
+        for value, o_smem, o_gmem in zip(results, out_smems, outs, strict=True):
+            o_smem[...] = value.astype(o_smem.dtype)
+        plgpu.commit_smem()
+        for o_smem, o_gmem in zip(out_smems, outs, strict=True):
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [
+        *[plgpu.SMEM((bm, bn), dtype, transforms=tr) for _ in range(n_out)],
+        *[plgpu.SMEM((bn,), dtype) for _ in range(n_bias)],
+        plgpu.Barrier(num_barriers=max(n_bias, 1)),
+    ]
+    kwargs = {} if interpret is False else {"interpret": interpret}
+    return plgpu.kernel(
+        body,
+        out_type=[jax.ShapeDtypeStruct((rows, cols), dtype) for _ in range(n_out)],
+        scratch_types=scratch,
+        grid=(rows // bm, cols // bn),
+        grid_names=("m", "n"),
+        **kwargs,
+    )(*operands)
+
+
+def _with_bias_first(ws, bs):
+    """Reorder projections so that those with a bias come first (bias q goes to accumulator q);
+    returns the order and its inverse."""
+    order = sorted(range(len(ws)), key=lambda i: bs[i] is None)
+    inverse = [order.index(i) for i in range(len(ws))]
+    return order, inverse
+
+
+def _hidden_chunk(phi, xp, ws_c, bs_c, bm, bn, interpret):
+    """`h = phi(x W_c + b_c)` for one hidden chunk, `(padded tokens, chunk)` in `x.dtype`."""
+    order, inverse = _with_bias_first(ws_c, bs_c)
+    pairs = [a for i in order for a in (xp, ws_c[i])]
+    biases = [bs_c[i] for i in order if bs_c[i] is not None]
+
+    def epilogue(*zs):
+        return (_math.hidden(phi, [zs[j] for j in inverse], None),)
+
+    (h,) = _tiles_kernel(epilogue, (*pairs, *biases), len(ws_c), len(biases), 1, xp.shape[0],
+                         ws_c[0].shape[1], bm, bn, interpret)
+    return h
+
+
+def _recompute_chunk(phi, xp, gp, ws_c, bs_c, w_out_t_c, bm, bn, interpret):
+    """`(h, dz_1, ..., dz_k)` for one hidden chunk, each `(padded tokens, chunk)`.
+
+    `w_out_t_c` is the chunk of `W_out^T`, `(d_out, chunk)`, so `dh = g @ w_out_t_c`.
+    """
+    order, inverse = _with_bias_first(ws_c, bs_c)
+    k = len(ws_c)
+    pairs = [a for i in order for a in (xp, ws_c[i])] + [gp, w_out_t_c]
+    biases = [bs_c[i] for i in order if bs_c[i] is not None]
+
+    def epilogue(*accs):
+        zs, dh = [accs[j] for j in inverse], accs[k]
+        h, dzs = _math.hidden_and_dz(phi, zs, dh, None, plain_adds=True)
+        return (h, *dzs)
+
+    return _tiles_kernel(epilogue, (*pairs, *biases), k + 1, len(biases), k + 1, xp.shape[0],
+                         ws_c[0].shape[1], bm, bn, interpret)
+
+
+def _chunked(blocks: Blocks, ws, bs, w_out):
+    """Weights stacked by hidden chunk: `(chunks, d, chunk)`, `(chunks, chunk)`, `(chunks,
+    chunk, d_out)`, for a `lax.scan` that keeps one chunk's activations alive at a time."""
+    c, n = blocks.block_h, blocks.hidden // blocks.block_h
+    ws_c = tuple(w.reshape(w.shape[0], n, c).transpose(1, 0, 2) for w in ws)
+    bs_c = tuple(None if b is None else b.reshape(n, c) for b in bs)
+    return ws_c, bs_c, w_out.reshape(n, c, w_out.shape[1])
+
+
+def forward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, *, interpret: Any = False):
+    """`phi(x W + b) @ W_out + b_out` for `x` of shape `(tokens, d)`; returns `x.dtype`."""
+    bm, bn, m = blocks.block_m, _block_n(len(ws)), blocks.tokens
+    xp = pad_axis(x, 0, blocks.padded_tokens)
+
+    def chunk_step(out, chunk):
+        ws_c, bs_c, w_out_c = chunk
+        h = _hidden_chunk(phi, xp, ws_c, bs_c, bm, bn, interpret)[:m]
+        return out + _math.mm(h, w_out_c), None
+
+    out0 = jnp.zeros((m, w_out.shape[1]), _F32)
+    if b_out is not None:
+        out0 = out0 + b_out.astype(_F32)
+    out, _ = lax.scan(chunk_step, out0, _chunked(blocks, ws, bs, w_out))
+    return out.astype(x.dtype)
+
+
+def backward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, g, *,
+             interpret: Any = False):
+    """Cotangents `(dx, dws, dbs, dw_out, db_out)` of `forward` at `g`, one hidden chunk at a
+    time; in the dtypes of the corresponding inputs."""
+    bm, bn, m = blocks.block_m, _block_n(len(ws)), blocks.tokens
+    xp, gp = pad_axis(x, 0, blocks.padded_tokens), pad_axis(g, 0, blocks.padded_tokens)
+
+    def chunk_step(dx, chunk):
+        ws_c, bs_c, w_out_c = chunk
+        w_out_t_c = w_out_c.T  # (d_out, chunk): a weight-sized copy, so the kernel reads K-major.
+        h, *dzs = (a[:m] for a in _recompute_chunk(phi, xp, gp, ws_c, bs_c, w_out_t_c, bm, bn,
+                                                   interpret))
+        dws_c = tuple(_math.mm_tn(x, dz).astype(w.dtype) for dz, w in zip(dzs, ws, strict=True))
+        dbs_c = tuple(None if b is None else jnp.sum(dz, 0, dtype=_F32).astype(b.dtype)
+                      for dz, b in zip(dzs, bs, strict=True))
+        for dz, w_c in zip(dzs, ws_c, strict=True):
+            dx = dx + _math.mm_nt(dz, w_c)
+        return dx, (dws_c, dbs_c, _math.mm_tn(h, g).astype(w_out.dtype))
+
+    dx0 = jnp.zeros(x.shape, _F32)
+    dx, (dws_c, dbs_c, dw_out_c) = lax.scan(chunk_step, dx0, _chunked(blocks, ws, bs, w_out))
+    n_chunks = blocks.hidden // blocks.block_h
+    dws = tuple(dw.transpose(1, 0, 2).reshape(x.shape[1], -1) for dw in dws_c)
+    dbs = tuple(None if db is None else db.reshape(-1) for db in dbs_c)
+    dw_out = dw_out_c.reshape(n_chunks * blocks.block_h, -1)
+    db_out = None if b_out is None else jnp.sum(g, 0, dtype=_F32).astype(b_out.dtype)
+    return dx.astype(x.dtype), dws, dbs, dw_out, db_out
+
+
