@@ -1,6 +1,6 @@
 """Test configuration shared by every suite.
 
-- JAX runs with strict dtype promotion and rank promotion errors, so a test cannot pass by accident
+- JAX sees four CPU devices (for sharding tests) and runs with strict dtype promotion and rank promotion errors, so a test cannot pass by accident
   through an implicit upcast or broadcast.
 - Hypothesis profiles follow JAX's own: `ci` (the default; bounded examples, derandomized, no
   deadline, no example database) and `dev` (many more examples). Choose with the environment
@@ -9,9 +9,16 @@
 
 import os
 
-import hypothesis
-import jax
-import pytest
+
+# Four host devices, so sharding and shard_map are tested on CPU. Must precede the first jax import.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
+
+import hypothesis  # noqa: E402
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")

@@ -170,6 +170,10 @@ def full_layout(plan: Plan, leaves: Sequence[Any]) -> FullLayout:
     return FullLayout(slots, _stack_layouts(plan, leaves))
 
 
+def _show(leaf: Any) -> str:
+    return repr(leaf) if is_placeholder(leaf) else describe_leaf(leaf)
+
+
 def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
     """Checks packed leaves against `plan`; raises `ValueError` naming what does not match."""
     slots = []
@@ -188,7 +192,7 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
             ):
                 raise ValueError(
                     f"The packed params do not match the spec: {plan.paths[reader]} holds "
-                    f"{describe_leaf(value) if not is_placeholder(value) else value!r} where "
+                    f"{_show(value)} where "
                     f"tie group {slot.group!r} expects a TiedLeaf reading "
                     f"{plan.paths[slot.canonical]}. {_REPACK}"
                 )
@@ -196,7 +200,7 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
             raise ValueError(
                 f"The packed params do not match the spec: the canonical leaf "
                 f"{plan.paths[slot.canonical]} of tie group {slot.group!r} holds "
-                f"{describe_leaf(canonical) if not is_placeholder(canonical) else canonical!r}, "
+                f"{_show(canonical)}, "
                 f"not an array. {_REPACK}"
             )
         if slot.fn is None:

@@ -1,0 +1,73 @@
+"""Shared models and reference semantics for the tietransform suites."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tietransform.testing import tolerance, tree_allclose
+
+
+__all__ = ["Block", "Stack", "Tower", "assert_trees_close", "hlo_parameter_count", "tolerance"]
+
+
+class Block(eqx.Module):
+    """One repetition: its own mixing layer, and an MLP that a spec may tie across blocks."""
+
+    attn: eqx.nn.Linear
+    mlp: eqx.nn.MLP
+
+    def __init__(self, width: int, hidden: int, *, key: jax.Array):
+        k1, k2 = jax.random.split(key)
+        self.attn = eqx.nn.Linear(width, width, key=k1)
+        self.mlp = eqx.nn.MLP(width, width, hidden, depth=1, activation=jax.nn.gelu, key=k2)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + jnp.tanh(self.attn(x))
+        return x + self.mlp(x)
+
+
+class Tower(eqx.Module):
+    """`n` blocks applied in sequence: a Universal Transformer's shape without attention."""
+
+    blocks: list[Block]
+
+    def __init__(self, n: int, width: int = 8, hidden: int = 16, *, key: jax.Array):
+        self.blocks = [Block(width, hidden, key=k) for k in jax.random.split(key, n)]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class Stack(eqx.Module):
+    """Scan-over-layers: `weight[i]` is layer `i`'s `(d, d)` matrix."""
+
+    weight: jax.Array
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def layer(h: jax.Array, w: jax.Array) -> tuple[jax.Array, None]:
+            return jnp.tanh(h @ w), None
+
+        return jax.lax.scan(layer, x, self.weight)[0]
+
+
+def tower_loss(model: Tower, x: jax.Array) -> jax.Array:
+    return jnp.mean(jax.vmap(model)(x) ** 2)
+
+
+def assert_trees_close(got, expected, summands: int = 1) -> None:
+    problems = tree_allclose(got, expected, summands=summands)
+    assert not problems, "\n".join(problems)
+
+
+def hlo_parameter_count(compiled_text: str) -> int:
+    """Number of parameters of the ENTRY computation of compiled HLO text."""
+    entry = compiled_text[compiled_text.index("ENTRY") :]
+    body = entry[: entry.index("\n}")]
+    return len({line.split("parameter(")[1].split(")")[0] for line in body.splitlines() if " parameter(" in line})
+
+
+def float_leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))]

@@ -1,0 +1,162 @@
+"""Declaring tie groups: what each form selects, and the errors bad declarations raise."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tietransform as tt
+from tests.helpers import Tower
+
+
+@pytest.fixture
+def tower(getkey):
+    return Tower(4, key=getkey())
+
+
+def members_of(spec, params, name):
+    packed = tt.pack(params, spec)
+    paths = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(packed, is_leaf=lambda x: isinstance(x, tt.TiedLeaf))
+        if isinstance(leaf, tt.TiedLeaf) and leaf.group == name
+    ]
+    return paths
+
+
+def test_subtree_pattern_ties_every_array_leaf_member_by_member(tower):
+    tied = members_of(tt.TieSpec(ffn="blocks[*].mlp"), tower, "ffn")
+    # 3 non-canonical members x (2 weights + 2 biases)
+    assert len(tied) == 12
+    assert all(".blocks[0]" not in p for p in tied)
+
+
+def test_bracket_and_dot_star_patterns_are_the_same(tower):
+    a = members_of(tt.TieSpec(w="blocks[*].mlp.layers[0].weight"), tower, "w")
+    b = members_of(tt.TieSpec(w="blocks.*.mlp.layers.0.weight"), tower, "w")
+    assert a == b and len(a) == 3
+
+
+def test_double_star_matches_any_depth():
+    params = {"a": {"x": {"w": jnp.ones(2)}}, "b": {"w": jnp.ones(2)}}
+    assert members_of(tt.TieSpec(g="**.w"), params, "g") == ["['b']['w']"]
+
+
+def test_where_lambda_selects_the_same_members_as_the_pattern(tower):
+    by_pattern = members_of(tt.TieSpec(ffn="blocks[*].mlp"), tower, "ffn")
+    by_where = members_of(tt.TieSpec(ffn=lambda m: [b.mlp for b in m.blocks]), tower, "ffn")
+    assert by_where == by_pattern
+
+
+def test_canonical_member_can_be_chosen_by_path_or_position(tower):
+    spec = tt.TieSpec(ffn=tt.group("blocks[*].mlp", canonical="blocks[2].mlp"))
+    packed = tt.pack(tower, spec)
+    assert isinstance(packed.blocks[0].mlp.layers[0].weight, tt.TiedLeaf)
+    assert packed.blocks[0].mlp.layers[0].weight.source == "blocks[2].mlp.layers[0].weight"
+    np.testing.assert_array_equal(packed.blocks[2].mlp.layers[0].weight, tower.blocks[2].mlp.layers[0].weight)
+    by_position = tt.pack(tower, tt.TieSpec(ffn=tt.group("blocks[*].mlp", canonical=-1)))
+    assert by_position.blocks[0].mlp.layers[0].weight.source == "blocks[3].mlp.layers[0].weight"
+
+
+def test_non_array_leaves_inside_tied_subtrees_are_left_alone(tower):
+    packed = tt.pack(tower, tt.TieSpec(ffn="blocks[*].mlp"))
+    assert packed.blocks[1].mlp.activation is tower.blocks[1].mlp.activation
+
+
+def test_pattern_that_matches_nothing_suggests_near_paths(tower):
+    with pytest.raises(ValueError, match=r"matches nothing.*Nearest paths: .*blocks\[0\]\.mlp"):
+        tt.pack(tower, tt.TieSpec(ffn="blocks[*].mpl"))
+
+
+def test_single_member_group_is_refused(tower):
+    with pytest.raises(ValueError, match="selects only one member"):
+        tt.pack(tower, tt.TieSpec(ffn="blocks[0].mlp"))
+
+
+def test_overlapping_groups_are_refused(tower):
+    spec = tt.TieSpec(ffn="blocks[*].mlp", first=["blocks[0].mlp.layers[0]", "blocks[1].mlp.layers[0]"])
+    with pytest.raises(ValueError, match=r"Tie groups 'ffn' and 'first' overlap at blocks\[0\]"):
+        tt.pack(tower, spec)
+
+
+def test_nested_members_of_one_group_are_refused():
+    params = {"a": {"w": jnp.ones(2), "a": {"w": jnp.ones(2)}}, "b": {"w": jnp.ones(2)}}
+    with pytest.raises(ValueError, match="overlap"):
+        tt.pack(params, tt.TieSpec(g=["a", "a.a"]))
+
+
+def test_members_with_different_structure_are_refused():
+    params = {"a": {"w": jnp.ones(2), "b": jnp.ones(2)}, "c": {"w": jnp.ones(2)}}
+    with pytest.raises(ValueError, match="must have the same structure"):
+        tt.pack(params, tt.TieSpec(g=["a", "c"]))
+
+
+def test_members_with_different_shapes_are_refused_naming_both():
+    params = {"a": jnp.ones((3, 2)), "b": jnp.ones((2, 3))}
+    with pytest.raises(ValueError, match=r"must have the same shape and dtype(.|\n)*  a  f32\[3,2\]"):
+        tt.pack(params, tt.TieSpec(g=["a", "b"]))
+
+
+def test_members_with_different_dtypes_are_refused():
+    params = {"a": jnp.ones(2, jnp.float32), "b": jnp.ones(2, jnp.bfloat16)}
+    with pytest.raises(ValueError, match=r"must have the same shape and dtype(.|\n)*bf16\[2\]"):
+        tt.pack(params, tt.TieSpec(g=["a", "b"]))
+
+
+def test_members_that_differ_only_in_weak_type_are_refused():
+    params = {"a": jnp.asarray(1.0), "b": jnp.asarray(1.0, jnp.float32)}
+    with pytest.raises(ValueError, match="differ only in weak type"):
+        tt.pack(params, tt.TieSpec(g=["a", "b"]))
+
+
+def test_non_array_members_are_refused():
+    params = {"a": 1.0, "b": 2.0}
+    with pytest.raises(ValueError, match="non-array leaves"):
+        tt.pack(params, tt.TieSpec(g=["a", "b"]))
+
+
+def test_view_whose_output_does_not_fit_is_refused():
+    params = {"emb": jnp.ones((3, 4)), "head": jnp.ones((3, 4))}
+    with pytest.raises(ValueError, match=r"must fit the output of its view(.|\n)*  head  f32\[3,4\]"):
+        tt.pack(params, tt.TieSpec(head=tt.view("emb", "head", jnp.transpose)))
+
+
+def test_stack_slices_out_of_range_are_refused():
+    with pytest.raises(ValueError, match=r"slices \[5\] are out of range for w,"):
+        tt.pack({"w": jnp.ones((4, 2))}, tt.TieSpec(s=tt.stack("w", [0, 5])))
+
+
+def test_stack_on_a_scalar_is_refused():
+    with pytest.raises(ValueError, match="not a stacked array"):
+        tt.pack({"w": jnp.ones(())}, tt.TieSpec(s=tt.stack("w", [0, 1])))
+
+
+def test_stack_groups_sharing_a_slice_are_refused():
+    spec = tt.TieSpec(a=tt.stack("w", [0, 1]), b=tt.stack("w", [1, 2]))
+    with pytest.raises(ValueError, match=r"overlap at w\[1\]"):
+        tt.pack({"w": jnp.ones((4, 2))}, spec)
+
+
+def test_where_returning_a_non_node_is_refused(tower):
+    with pytest.raises(ValueError, match="not a node of the model"):
+        tt.pack(tower, tt.TieSpec(ffn=lambda m: [jnp.ones(3), jnp.ones(3)]))
+
+
+def test_where_that_computes_is_refused_with_advice(tower):
+    with pytest.raises(ValueError, match="must only select nodes"):
+        tt.pack(tower, tt.TieSpec(ffn=lambda m: [b.mlp.layers[0].weight.T for b in m.blocks]))
+
+
+@pytest.mark.parametrize("pattern", ["blocks[*", "", "blocks..mlp"])
+def test_malformed_patterns_are_refused(tower, pattern):
+    with pytest.raises(ValueError, match="Malformed path pattern|empty segment"):
+        tt.pack(tower, tt.TieSpec(ffn=pattern))
+
+
+def test_spec_needs_groups_and_valid_declarations():
+    with pytest.raises(ValueError, match="at least one tie group"):
+        tt.TieSpec()
+    with pytest.raises(TypeError, match="expected a path pattern"):
+        tt.TieSpec(g=3)
+    with pytest.raises(ValueError, match="at least two slices"):
+        tt.stack("w", [0])

@@ -1,0 +1,227 @@
+"""`check_tied`: a tied function's values and gradients against the untied reference.
+
+The reference semantics: `tie(fn, spec)(pack(m))` equals `fn(unpack(pack(m)))`, and the gradient
+with respect to each packed buffer equals the sum, over the members reading it, of the gradients
+the untied `fn` gives those members at the materialised model `unpack(pack(m))` (pulled back
+through each view; summed over tied slices for stacks). The sums here are computed independently
+of `tie`: explicitly, in float64 NumPy, from the untied function's gradients.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._errors import format_type, is_array, leaf_type
+from .._layout import packed_layout
+from .._pack import pack, unpack
+from .._placeholders import StackedLeaf, TiedLeaf
+from .._resolve import flatten, plan_for
+from .._spec import TieSpec
+from .._tie import tie
+
+
+class TieCheckError(AssertionError):
+    """A tied function disagrees with its untied reference; the message lists each leaf."""
+
+
+def tolerance(dtype: Any, summands: int = 1) -> float:
+    """Normwise relative tolerance for a result computed in `dtype` as a sum of `summands` terms.
+
+    Each rounded addition in `dtype` adds at most `eps/2` relative to the summands' scale, and
+    the terms themselves may round differently once each: `2 * (summands + 1) * eps` bounds both
+    with a factor of two to spare. float32: 2.4e-7 per term; bfloat16: 1.6e-2 per term.
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    return 2.0 * (max(int(summands), 1) + 1) * eps
+
+
+def _f64(x: Any) -> np.ndarray:
+    return np.asarray(x).astype(np.float64)
+
+
+def _normwise_error(got: Any, expected: np.ndarray, scale: float) -> float:
+    diff = np.abs(_f64(got) - expected)
+    finite = np.isfinite(expected)
+    if not np.array_equal(np.isfinite(_f64(got)), finite):
+        return float("inf")
+    if not diff[finite].size:
+        return 0.0
+    return float(np.max(diff[finite]) / max(scale, np.finfo(np.float64).tiny))
+
+
+def tree_allclose(got: Any, expected: Any, *, summands: int = 1) -> list[str]:
+    """Compares two pytrees of arrays leaf by leaf, normwise, with `tolerance(dtype, summands)`.
+
+    **Returns:** a list of human-readable mismatches (empty when everything matches).
+    """
+    got_leaves = jax.tree_util.tree_leaves_with_path(got)
+    expected_leaves = jax.tree_util.tree_leaves(expected)
+    if len(got_leaves) != len(expected_leaves):
+        return [f"different structures: {jax.tree.structure(got)} vs {jax.tree.structure(expected)}"]
+    problems = []
+    for (path, a), b in zip(got_leaves, expected_leaves, strict=True):
+        if not is_array(a):
+            continue
+        if np.shape(a) != np.shape(b):
+            problems.append(f"{jax.tree_util.keystr(path)}: shape {np.shape(a)} vs {np.shape(b)}")
+            continue
+        e = _f64(b)
+        finite = e[np.isfinite(e)]
+        err = _normwise_error(a, e, float(np.max(np.abs(finite))) if finite.size else 1.0)
+        tol = tolerance(np.asarray(a).dtype if np.asarray(a).dtype.kind == "f" else np.float32, summands)
+        if not err <= tol:
+            problems.append(f"{jax.tree_util.keystr(path)}: error {err:.3g} > tolerance {tol:.3g}")
+    return problems
+
+
+def expected_packed_grads(packed: Any, spec: TieSpec, full_grads: Any) -> tuple[Any, Any, Any]:
+    """The gradient each packed buffer should receive, from the untied gradients `full_grads`.
+
+    **Arguments:**
+
+    - `packed`: the packed params (from [`tietransform.pack`][]).
+    - `spec`: its spec.
+    - `full_grads`: gradients of the untied function at `unpack(packed, spec)`, a pytree of the
+      full model's structure (non-array leaves are ignored).
+
+    **Returns:**
+
+    `(expected, scale, terms)`: three pytrees shaped like `packed` whose array leaves are the
+    expected gradients (float64 NumPy), the sum of the summands' magnitudes (for normwise errors)
+    and the number of summands.
+    """
+    keypaths, leaves, treedef = flatten(packed)
+    plan = plan_for(spec, keypaths, treedef)
+    layout = packed_layout(plan, leaves)
+    _, grads, _ = flatten(full_grads)
+    expected: list[Any] = list(leaves)
+    scale: list[Any] = list(leaves)
+    terms: list[Any] = list(leaves)
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, StackedLeaf):
+            g = _f64(grads[i])
+            rows = np.asarray(leaf.rows)
+            summed = np.stack([g[rows == k].sum(axis=0) for k in range(np.shape(leaf.data)[0])])
+            slice_scale = np.abs(g).reshape(len(rows), -1).max(axis=1, initial=0.0)
+            group_scale = max(float(slice_scale[rows == k].sum()) for k in range(len(summed)))
+            expected[i] = StackedLeaf(summed, leaf.rows, leaf.groups, leaf.weak_type)
+            scale[i] = StackedLeaf(group_scale, leaf.rows, leaf.groups, leaf.weak_type)
+            terms[i] = StackedLeaf(int(np.bincount(rows).max()), leaf.rows, leaf.groups, leaf.weak_type)
+        elif is_array(leaf):
+            expected[i] = _f64(grads[i])
+            scale[i] = float(np.max(np.abs(expected[i]), initial=0.0))
+            terms[i] = 1
+    for slot in layout.slots:
+        c = slot.canonical
+        for reader in slot.readers:
+            g = grads[reader]
+            if slot.fn is not None:
+                _, pullback = jax.vjp(slot.fn, leaves[c])
+                (g,) = pullback(jnp.asarray(g))
+            expected[c] = expected[c] + _f64(g)
+            scale[c] += float(np.max(np.abs(_f64(g)), initial=0.0))
+            terms[c] += 1
+    return tuple(jax.tree_util.tree_unflatten(treedef, x) for x in (expected, scale, terms))
+
+
+def _random_cotangent(key: jax.Array, out: Any) -> Any:
+    leaves, treedef = jax.tree_util.tree_flatten(out)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    cts = []
+    for k, leaf in zip(keys, leaves, strict=False):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"check_tied differentiates `fn`, so its outputs must be floating point; got "
+                f"{format_type(*leaf_type(leaf))}."
+            )
+        cts.append(jax.random.normal(k, jnp.shape(leaf), dtype))
+    return jax.tree_util.tree_unflatten(treedef, cts)
+
+
+def _compare_grads(packed: Any, got: Any, expected: Any, scale: Any, terms: Any, paths: Sequence[str]) -> list[str]:
+    problems = []
+    _, got_leaves, _ = flatten(got)
+    _, exp_leaves, _ = flatten(expected)
+    _, scale_leaves, _ = flatten(scale)
+    _, term_leaves, _ = flatten(terms)
+    _, packed_leaves, _ = flatten(packed)
+    for path, p, g, e, s, n in zip(paths, packed_leaves, got_leaves, exp_leaves, scale_leaves, term_leaves, strict=True):
+        if isinstance(p, TiedLeaf) or not (is_array(p) or isinstance(p, StackedLeaf)):
+            continue
+        if isinstance(p, StackedLeaf):
+            p, g, e, s, n = p.data, g.data, e.data, s.data, n.data
+        dtype = np.asarray(p).dtype
+        if dtype.kind != "f" and dtype.name != "bfloat16":
+            continue
+        err = _normwise_error(g, e, s)
+        tol = tolerance(dtype, n)
+        if not err <= tol:
+            problems.append(
+                f"  {path} ({format_type(*leaf_type(p))}, {n} member(s)): gradient error {err:.3g} "
+                f"> tolerance {tol:.3g}"
+            )
+    return problems
+
+
+def check_tied(
+    fn: Callable[..., Any],
+    spec: TieSpec,
+    params: Any,
+    *args: Any,
+    key: jax.Array | None = None,
+    num_cotangents: int = 2,
+    **kwargs: Any,
+) -> None:
+    """Check `tie(fn, spec)` against the untied `fn` on your own model; raise if they disagree.
+
+    **Arguments:**
+
+    - `fn`: the untied function `(params, *args, **kwargs) -> out`; `out` a pytree of floating
+      point arrays.
+    - `spec`: the [`tietransform.TieSpec`][].
+    - `params`: the full model.
+    - `*args`, `**kwargs`: the other arguments of `fn`.
+    - `key`: PRNG key for the random cotangents (default `jax.random.key(0)`).
+    - `num_cotangents`: how many random cotangents to pull back.
+
+    Checks, with tolerances from [`tietransform.testing.tolerance`][] by dtype:
+
+    1. `tie(fn, spec)(pack(params), ...) == fn(unpack(pack(params)), ...)`;
+    2. for random cotangents `ct`, the VJP of the tied function with respect to every packed
+       buffer equals the sum of the untied VJPs of its members at `unpack(pack(params))`.
+
+    **Raises:**
+
+    [`tietransform.testing.TieCheckError`][] listing every leaf that differs, with its path,
+    dtype, error and tolerance.
+    """
+    key = jax.random.key(0) if key is None else key
+    packed = pack(params, spec)
+    full = unpack(packed, spec)
+    tied = tie(fn, spec)
+    packed_arrays, packed_static = eqx.partition(packed, eqx.is_array)
+    full_arrays, full_static = eqx.partition(full, eqx.is_array)
+    out, tied_vjp = jax.vjp(lambda a: tied(eqx.combine(a, packed_static), *args, **kwargs), packed_arrays)
+    reference, reference_vjp = jax.vjp(
+        lambda a: fn(eqx.combine(a, full_static), *args, **kwargs), full_arrays
+    )
+    problems = [f"  value {p}" for p in tree_allclose(out, reference)]
+    paths = plan_for(spec, *flatten(packed)[::2]).paths
+    for ct_key in jax.random.split(key, num_cotangents):
+        ct = _random_cotangent(ct_key, reference)
+        (got,) = tied_vjp(ct)
+        (full_grads,) = reference_vjp(ct)
+        expected, scale, terms = expected_packed_grads(
+            packed, spec, eqx.combine(full_grads, full_static)
+        )
+        problems += _compare_grads(packed, eqx.combine(got, packed_static), expected, scale, terms, paths)
+    if problems:
+        raise TieCheckError(
+            f"tie({getattr(fn, '__name__', 'fn')}, spec) disagrees with the untied function:\n"
+            + "\n".join(dict.fromkeys(problems))
+        )
