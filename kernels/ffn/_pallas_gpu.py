@@ -225,7 +225,7 @@ def forward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, *, interpret
 
     out0 = jnp.zeros((m, w_out.shape[1]), _F32)
     if b_out is not None:
-        out0 = out0 + b_out.astype(_F32)
+        out0 = out0 + b_out.astype(_F32)[None, :]
     out, _ = lax.scan(chunk_step, out0, _chunked(blocks, ws, bs, w_out))
     return out.astype(x.dtype)
 

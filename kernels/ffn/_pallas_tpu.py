@@ -113,7 +113,7 @@ def forward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, *, interpret
     )(xp, *wsp, *[b for b in bsp if b is not None], w_outp)
     out = out[: blocks.tokens]
     if b_out is not None:
-        out = out + b_out.astype(_F32)
+        out = out + b_out.astype(_F32)[None, :]
     return out.astype(x.dtype)
 
 

@@ -28,11 +28,11 @@ def problem_reference(
     zs = []
     for w, b in zip(ws, bs, strict=True):
         z = jnp.dot(x, w, preferred_element_type=_F32)
-        zs.append(z if b is None else z + b.astype(_F32))
+        zs.append(z if b is None else z + b.astype(_F32)[None, :])
     h = phi(*zs).astype(x.dtype)
     out = jnp.dot(h, w_out, preferred_element_type=_F32)
     if b_out is not None:
-        out = out + b_out.astype(_F32)
+        out = out + b_out.astype(_F32)[None, :]
     return out.astype(x.dtype)
 
 
