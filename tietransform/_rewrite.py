@@ -51,6 +51,33 @@ class StackedRead:
         return take_rows(self.data, self.rows)
 
 
+def _read_slice(data: jax.Array, row: jax.Array) -> jax.Array:
+    """`data[row]`: one slice of a stacked tie, read inside a rewritten scan."""
+    start = (row, *([jnp.zeros((), row.dtype)] * (data.ndim - 1)))
+    return lax.squeeze(lax.dynamic_slice(data, start, (1, *data.shape[1:])), (0,))
+
+
+def _recompute_slices(datas: Sequence[Any]) -> Callable[..., bool]:
+    """A checkpoint policy that saves every residual except slices read by `_read_slice`.
+
+    Without it, differentiating the rewritten scan stores each iteration's slice: an `L`-fold
+    copy again. A slice is a cheap read of a loop-invariant buffer, so the backward pass rereads
+    it. (Policies see primitives and avals only; a user `dynamic_slice` of an operand with the
+    very same shape is also recomputed, which costs a read of that operand.)
+    """
+    data_shapes = {tuple(jax.typeof(d).shape) for d in datas}
+    slice_shapes = {(1, *shape[1:]) for shape in data_shapes}
+
+    def policy(primitive: Any, *avals: Any, **params: Any) -> bool:
+        if primitive.name == "dynamic_slice":
+            return tuple(avals[0].shape) not in data_shapes
+        if primitive.name == "squeeze":
+            return tuple(avals[0].shape) not in slice_shapes
+        return True
+
+    return policy
+
+
 Rule = Callable[[Any, list[Any]], list[Any]]
 _rules: dict[str, Rule] = {}
 
@@ -117,12 +144,16 @@ def _scan_rule(eqn: Any, invals: list[Any]) -> list[Any]:
 
     def step(carry: list[Any], xs_slice: list[Any]) -> tuple[list[Any], list[Any]]:
         x_values = [
-            lax.dynamic_index_in_dim(x.data, row, 0, keepdims=False) if _is_lazy(x) else row
+            _read_slice(x.data, row)
+            if _is_lazy(x)
+            else row
             for x, row in zip(xs, xs_slice, strict=True)
         ]
         outs = evaluate(body, body_consts, [*consts, *carry, *x_values])
         return outs[:num_carry], outs[num_carry:]
 
+    policy = _recompute_slices([x.data for x in xs if _is_lazy(x)])
+    step = jax.checkpoint(step, policy=policy, prevent_cse=False)  # scan already prevents CSE
     carry, ys = lax.scan(step, init, scanned, **_compat.scan_options(eqn.params))
     return [*carry, *ys]
 
