@@ -138,3 +138,12 @@ def test_pack_works_on_plain_containers_and_keeps_non_array_leaves():
     packed = tt.pack(params, tt.TieSpec(w="layers[*].w"))
     assert packed["step"] == 3 and packed["layers"][1]["name"] == "second"
     assert isinstance(packed["layers"][1]["w"], tt.TiedLeaf)
+
+
+def test_stack_without_slices_ties_every_slice_to_the_first():
+    w = jnp.arange(4 * 2.0).reshape(4, 2)
+    spec = tt.TieSpec(s=tt.stack("w"))
+    packed = tt.pack({"w": w}, spec)
+    assert packed["w"].data.shape == (1, 2)
+    np.testing.assert_array_equal(tt.unpack(packed, spec)["w"], jnp.broadcast_to(w[0], (4, 2)))
+    assert "saved 24 B" in tt.describe(packed, spec)

@@ -69,7 +69,8 @@ def describe(params: Any, spec: TieSpec) -> str:
             by_group = {name: 0 for name in leaf.groups}
             for s in plan.stacks:
                 if leaves[s.leaf] is leaf:
-                    by_group[s.group] += len(s.slices) - 1
+                    tied = leaf.rows.count(leaf.rows[0]) if s.slices is None else len(s.slices)
+                    by_group[s.group] += tied - 1
             for name, n in by_group.items():
                 saved[name] += n * slice_bytes
         elif is_array(leaf):

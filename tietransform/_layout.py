@@ -133,6 +133,11 @@ def _stack_layouts(plan: Plan, leaves: Sequence[Any]) -> dict[int, StackLayout]:
                     )
                 claimed[i] = stack.group
             canonical = normal[0] if stack.canonical is None else stack.canonical % length
+            if canonical not in normal:
+                raise ValueError(
+                    f"tt.stack group {stack.group!r}: canonical slice {stack.canonical} is not one "
+                    f"of the tied slices {list(normal)} of {path}."
+                )
             for i in normal:
                 source[i] = canonical
             slices[stack.group] = normal
@@ -143,6 +148,13 @@ def _stack_layouts(plan: Plan, leaves: Sequence[Any]) -> dict[int, StackLayout]:
 
 
 def _normalise_slices(stack: StackSlot, path: str, length: int) -> tuple[int, ...]:
+    if stack.slices is None:
+        if length < 2:
+            raise ValueError(
+                f"tt.stack group {stack.group!r} ties all slices of {path}, but its leading axis "
+                f"has length {length}; a tie needs at least two."
+            )
+        return tuple(range(length))
     bad = [s for s in stack.slices if not -length <= s < length]
     if bad:
         raise ValueError(

@@ -39,11 +39,12 @@ class TieSlot:
 
 @dataclasses.dataclass(frozen=True)
 class StackSlot:
-    """Slices `slices` (as declared, may be negative) of the stacked leaf `leaf` share one buffer."""
+    """Slices `slices` (as declared, may be negative; `None` for all) of the stacked leaf `leaf`
+    share one buffer."""
 
     group: str
     leaf: int
-    slices: tuple[int, ...]
+    slices: tuple[int, ...] | None
     canonical: int | None
 
 

@@ -34,7 +34,7 @@ class Stack:
     """Slices of stacked arrays tied to one slice. See [`tietransform.stack`][]."""
 
     selector: Selector
-    slices: tuple[int, ...]
+    slices: tuple[int, ...] | None
     canonical: int | None = None
 
 
@@ -109,7 +109,9 @@ def view(
     return View(src, _as_selectors("tt.view target", target), fn)
 
 
-def stack(selector: Selector, slices: Sequence[int], *, canonical: int | None = None) -> Stack:
+def stack(
+    selector: Selector, slices: Sequence[int] | None = None, *, canonical: int | None = None
+) -> Stack:
     """Tie slices of a stacked (scan-over-layers) array along its leading axis.
 
     **Arguments:**
@@ -117,21 +119,29 @@ def stack(selector: Selector, slices: Sequence[int], *, canonical: int | None = 
     - `selector`: a path pattern or `where` function selecting stacked arrays (or subtrees of
       them); each selected array `a` of shape `(L, ...)` is tied on its own.
     - `slices`: the indices `i` along axis 0 whose `a[i]` share one buffer (negative indices count
-      from the end).
+      from the end). `None` (the default) ties all `L` slices: one layer's weights serve every
+      iteration of the scan.
     - `canonical`: the slice whose value is kept; defaults to the first of `slices` in index order.
 
     **Returns:**
 
     A declaration to pass to [`tietransform.TieSpec`][]. Inside `lax.scan` over the stack, `tie`
-    reads the kept slices directly, so no `L`-fold copy is built.
+    reads the kept slices directly, so no `L`-fold copy is built, forward or backward.
+
+    !!! Example
+        ```python
+        # blocks.mlp holds (L, ...) stacked weights, scanned over; share one MLP across all L.
+        spec = tt.TieSpec(ffn=tt.stack("blocks.mlp"))
+        ```
     """
-    slices = tuple(slices)
-    if len(slices) < 2:
-        raise ValueError(f"tt.stack needs at least two slices to tie, got {list(slices)}.")
-    if not all(isinstance(s, int) for s in slices):
-        raise TypeError(f"tt.stack: `slices` must be ints, got {list(slices)}.")
-    if canonical is not None and canonical not in slices:
-        raise ValueError(f"tt.stack: canonical slice {canonical} is not one of {list(slices)}.")
+    if slices is not None:
+        slices = tuple(slices)
+        if len(slices) < 2:
+            raise ValueError(f"tt.stack needs at least two slices to tie, got {list(slices)}.")
+        if not all(isinstance(s, int) for s in slices):
+            raise TypeError(f"tt.stack: `slices` must be ints, got {list(slices)}.")
+        if canonical is not None and canonical not in slices:
+            raise ValueError(f"tt.stack: canonical slice {canonical} is not one of {list(slices)}.")
     (sel,) = _as_selectors("tt.stack", selector)[:1]
     return Stack(sel, slices, canonical)
 
