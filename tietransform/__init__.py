@@ -5,6 +5,7 @@ from ._errors import (
     StackMaterialisedWarning as StackMaterialisedWarning,
     UnreadMemberWarning as UnreadMemberWarning,
 )
+from ._ffn_routing import RoutedFFN as RoutedFFN, ffn_routing_report as ffn_routing_report
 from ._pack import pack as pack, unpack as unpack
 from ._placeholders import StackedLeaf as StackedLeaf, TiedLeaf as TiedLeaf
 from ._spec import (

@@ -88,3 +88,18 @@ def checkpoint_options(params: dict[str, Any]) -> dict[str, Any]:
 def is_literal(atom: Any) -> bool:
     """Whether a jaxpr atom is a `Literal` (scalars arrive as literals, not `Var`s)."""
     return isinstance(atom, jax.extend.core.Literal)
+
+
+def jax_nn_custom_jvp_name(eqn: Any) -> str | None:
+    """For a `custom_jvp_call` of a `jax.nn` function (e.g. `jax.nn.relu`), that function's name.
+
+    The name is read from the traced function's debug info (`"relu at .../jax/_src/nn/..."`),
+    and only trusted when the function is defined inside `jax.nn`.
+    """
+    if eqn.primitive.name != "custom_jvp_call":
+        return None
+    info = getattr(eqn.params.get("call_jaxpr"), "debug_info", None)
+    source = getattr(info, "func_src_info", None) or ""
+    name, _, where = source.partition(" at ")
+    normalised = where.replace("\\", "/")
+    return name if "jax/_src/nn/" in normalised else None

@@ -27,6 +27,7 @@ from jax import lax
 
 from . import _compat
 from ._errors import StackMaterialisedWarning
+from ._ffn_routing import Routing, find_ffn_sites, serve
 from ._layout import take_rows
 
 
@@ -78,7 +79,7 @@ def _recompute_slices(datas: Sequence[Any]) -> Callable[..., bool]:
     return policy
 
 
-Rule = Callable[[Any, list[Any]], list[Any]]
+Rule = Callable[[Any, list[Any], list[bool], "Routing | None"], list[Any]]
 _rules: dict[str, Rule] = {}
 
 
@@ -90,10 +91,30 @@ def _materialised(values: Sequence[Any]) -> list[Any]:
     return [v.materialise() if _is_lazy(v) else v for v in values]
 
 
-def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
-    """Evaluates the open `jaxpr`; arguments may be `StackedRead`s, which the rules rewrite."""
-    if not any(_is_lazy(a) for a in args):
+def evaluate(
+    jaxpr: Any,
+    consts: Sequence[Any],
+    args: Sequence[Any],
+    tied: Sequence[bool] | None = None,
+    routing: Routing | None = None,
+) -> list[Any]:
+    """Evaluates the open `jaxpr` on `args`, rewriting reads of tied parameters.
+
+    - `args` may hold `StackedRead`s, which the rules rewrite.
+    - `tied[i]` says whether `args[i]` is a tied parameter; with `routing`, FFNs on tied weights
+      are served by `kernels.ffn` (see `_ffn_routing`), here and inside scan/jit/checkpoint.
+    """
+    tied = [False] * len(args) if tied is None else list(tied)
+    tied = [t or _is_lazy(a) for t, a in zip(tied, args, strict=True)]
+    tied_vars = {v for v, t in zip(jaxpr.invars, tied, strict=True) if t}
+    sites = find_ffn_sites(jaxpr, tied_vars) if routing is not None else {}
+    descend = routing is not None and any(
+        eqn.primitive.name in _rules and any(v in tied_vars for v in eqn.invars if not _compat.is_literal(v))
+        for eqn in jaxpr.eqns
+    )
+    if not (sites or descend or any(_is_lazy(a) for a in args)):
         return _compat.eval_jaxpr(jaxpr, consts, *args)
+    consumed = {i for site in sites.values() for i in site.consumed}
     env: dict[Any, Any] = {}
 
     def read(atom: Any) -> Any:
@@ -101,10 +122,16 @@ def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any
 
     for var, value in zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args], strict=True):
         env[var] = value
-    for eqn in jaxpr.eqns:
+    for index, eqn in enumerate(jaxpr.eqns):
+        if index in sites:
+            env[sites[index].out] = serve(sites[index], lambda v: _materialised([read(v)])[0], routing)
+            continue
+        if index in consumed:
+            continue
         invals = [read(v) for v in eqn.invars]
-        if any(_is_lazy(v) for v in invals):
-            outs = _rules.get(eqn.primitive.name, _default_rule)(eqn, invals)
+        tied_in = [not _compat.is_literal(v) and v in tied_vars for v in eqn.invars]
+        if any(_is_lazy(v) for v in invals) or (routing is not None and any(tied_in) and eqn.primitive.name in _rules):
+            outs = _rules.get(eqn.primitive.name, _default_rule)(eqn, invals, tied_in, routing)
         else:
             outs = _compat.bind_equation(eqn, invals)
         for var, value in zip(eqn.outvars, outs, strict=True):
@@ -112,7 +139,8 @@ def evaluate(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any
     return _materialised([read(v) for v in jaxpr.outvars])
 
 
-def _default_rule(eqn: Any, invals: list[Any]) -> list[Any]:
+def _default_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None) -> list[Any]:
+    del tied, routing
     if _compat.inner_jaxprs(eqn):
         groups = sorted({g for v in invals if _is_lazy(v) for g in v.groups})
         warnings.warn(
@@ -125,35 +153,36 @@ def _default_rule(eqn: Any, invals: list[Any]) -> list[Any]:
     return _compat.bind_equation(eqn, _materialised(invals))
 
 
-def _jit_rule(eqn: Any, invals: list[Any]) -> list[Any]:
+def _jit_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None) -> list[Any]:
     inner, consts = _compat.split_jaxpr(eqn.params["jaxpr"])
-    return evaluate(inner, consts, invals)
+    return evaluate(inner, consts, invals, tied, routing)
 
 
 for _name in _compat.JIT_PRIMITIVE_NAMES:
     _rules[_name] = _jit_rule
 
 
-def _scan_rule(eqn: Any, invals: list[Any]) -> list[Any]:
+def _scan_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None) -> list[Any]:
     num_consts, num_carry = _compat.scan_layout(eqn.params)
     consts = _materialised(invals[:num_consts])
     init = _materialised(invals[num_consts : num_consts + num_carry])
     xs = invals[num_consts + num_carry :]
     body, body_consts = _compat.split_jaxpr(eqn.params["jaxpr"])
+    body_tied = [*tied[:num_consts], *([False] * num_carry), *tied[num_consts + num_carry :]]
     scanned = [jnp.asarray(x.rows, jnp.int32) if _is_lazy(x) else x for x in xs]
 
     def step(carry: list[Any], xs_slice: list[Any]) -> tuple[list[Any], list[Any]]:
         x_values = [
-            _read_slice(x.data, row)
-            if _is_lazy(x)
-            else row
+            _read_slice(x.data, row) if _is_lazy(x) else row
             for x, row in zip(xs, xs_slice, strict=True)
         ]
-        outs = evaluate(body, body_consts, [*consts, *carry, *x_values])
+        outs = evaluate(body, body_consts, [*consts, *carry, *x_values], body_tied, routing)
         return outs[:num_carry], outs[num_carry:]
 
-    policy = _recompute_slices([x.data for x in xs if _is_lazy(x)])
-    step = jax.checkpoint(step, policy=policy, prevent_cse=False)  # scan already prevents CSE
+    lazy_data = [x.data for x in xs if _is_lazy(x)]
+    if lazy_data:
+        policy = _recompute_slices(lazy_data)
+        step = jax.checkpoint(step, policy=policy, prevent_cse=False)  # scan already prevents CSE
     carry, ys = lax.scan(step, init, scanned, **_compat.scan_options(eqn.params))
     return [*carry, *ys]
 
@@ -161,7 +190,7 @@ def _scan_rule(eqn: Any, invals: list[Any]) -> list[Any]:
 _rules["scan"] = _scan_rule
 
 
-def _checkpoint_rule(eqn: Any, invals: list[Any]) -> list[Any]:
+def _checkpoint_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None) -> list[Any]:
     inner, consts = _compat.split_jaxpr(eqn.params["jaxpr"])
     flat = [v.data if _is_lazy(v) else v for v in invals]
 
@@ -170,7 +199,7 @@ def _checkpoint_rule(eqn: Any, invals: list[Any]) -> list[Any]:
             StackedRead(f, v.rows, v.weak_type, v.groups) if _is_lazy(v) else f
             for f, v in zip(flat_args, invals, strict=True)
         ]
-        return evaluate(inner, consts, args)
+        return evaluate(inner, consts, args, tied, routing)
 
     return jax.checkpoint(rematerialised, **_compat.checkpoint_options(eqn.params))(*flat)
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _compat
 from ._errors import UnreadMemberWarning, is_array
+from ._ffn_routing import Routing
 from ._layout import full_leaves, packed_layout
 from ._placeholders import StackedLeaf, is_placeholder
 from ._resolve import Plan, flatten, plan_for
@@ -17,11 +18,16 @@ from ._rewrite import StackedRead, evaluate, live_inputs
 from ._spec import TieSpec
 
 
+FuseFFN = bool | str | None
+
+
 @overload
-def tie(fn: TieSpec, spec: None = None, /, *, audit: bool = True) -> Callable[[Callable], Callable]: ...
+def tie(
+    fn: TieSpec, spec: None = None, /, *, audit: bool = True, fuse_ffn: FuseFFN = None
+) -> Callable[[Callable], Callable]: ...
 @overload
-def tie(fn: Callable, spec: TieSpec, /, *, audit: bool = True) -> Callable: ...
-def tie(fn: Any, spec: TieSpec | None = None, /, *, audit: bool = True) -> Any:
+def tie(fn: Callable, spec: TieSpec, /, *, audit: bool = True, fuse_ffn: FuseFFN = None) -> Callable: ...
+def tie(fn: Any, spec: TieSpec | None = None, /, *, audit: bool = True, fuse_ffn: FuseFFN = None) -> Any:
     """Make `fn` read one buffer per tie group.
 
     Use as `tie(fn, spec)` or as a decorator, `@tie(spec)`.
@@ -33,6 +39,11 @@ def tie(fn: Any, spec: TieSpec | None = None, /, *, audit: bool = True) -> Any:
     - `spec`: a [`tietransform.TieSpec`][] naming the groups.
     - `audit`: check, at trace time, that every declared member is read and that parameters are
       not captured by closure (see below). Costs a pass over the jaxpr, at trace time only.
+    - `fuse_ffn`: serve FFNs whose weights are tied (`act(x @ W1 + b1) @ W2 + b2`, in a scan
+      body or not) with the fused kernel `kernels.ffn`. `None` (default): on where a Pallas
+      backend exists (GPU, TPU), off on CPU. `True`: on everywhere (Pallas interpret mode on
+      CPU). `False`: off. A string is passed to `kernels.ffn` as its `implementation`.
+      [`tietransform.ffn_routing_report`][] lists the sites served.
 
     **Returns:**
 
@@ -66,7 +77,7 @@ def tie(fn: Any, spec: TieSpec | None = None, /, *, audit: bool = True) -> Any:
     """
     if isinstance(fn, TieSpec) and spec is None:
         chosen = fn
-        return lambda f: tie(f, chosen, audit=audit)
+        return lambda f: tie(f, chosen, audit=audit, fuse_ffn=fuse_ffn)
     if not callable(fn):
         raise TypeError(f"tie: expected a function to tie, got {type(fn).__name__}.")
     if not isinstance(spec, TieSpec):
@@ -78,12 +89,27 @@ def tie(fn: Any, spec: TieSpec | None = None, /, *, audit: bool = True) -> Any:
 
     @functools.wraps(fn)
     def tied(packed: Any, *args: Any, **kwargs: Any) -> Any:
-        return _call(fn, chosen_spec, audit, packed, args, kwargs)
+        return _call(fn, chosen_spec, audit, _routing(fuse_ffn), packed, args, kwargs)
 
     return tied
 
 
-def _call(fn: Callable, spec: TieSpec, audit: bool, packed: Any, args: tuple, kwargs: dict) -> Any:
+def _routing(fuse_ffn: FuseFFN) -> Routing | None:
+    if isinstance(fuse_ffn, str):
+        return Routing(fuse_ffn)
+    if fuse_ffn is False:
+        return None
+    accelerated = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+    if fuse_ffn is None:
+        return Routing("pallas") if accelerated else None
+    if fuse_ffn is True:
+        return Routing("pallas" if accelerated else "interpret")
+    raise TypeError(f"fuse_ffn must be None, a bool or an implementation name, got {fuse_ffn!r}.")
+
+
+def _call(
+    fn: Callable, spec: TieSpec, audit: bool, routing: Routing | None, packed: Any, args: tuple, kwargs: dict
+) -> Any:
     keypaths, leaves, treedef = flatten(packed)
     plan = plan_for(spec, keypaths, treedef)
     if not any(is_placeholder(x) for x in leaves):
@@ -117,7 +143,10 @@ def _call(fn: Callable, spec: TieSpec, audit: bool, packed: Any, args: tuple, kw
     if audit:
         leaf_of_invar = [i for i, keep in enumerate(param_mask) if keep]
         _audit(fn, plan, jaxpr, consts, leaves, leaf_of_invar)
-    outs = evaluate(jaxpr, consts, [*param_values, *arg_values])
+    tied_leaves = {i for slot in layout.slots for i in (slot.canonical, *slot.readers)}
+    tied_leaves.update(layout.stacks)
+    tied = [i in tied_leaves for i, keep in enumerate(param_mask) if keep] + [False] * len(arg_values)
+    outs = evaluate(jaxpr, consts, [*param_values, *arg_values], tied, routing)
     return jax.tree_util.tree_unflatten(
         output["treedef"], _merge(output["leaves"], output["mask"], outs)
     )
