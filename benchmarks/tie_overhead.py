@@ -64,7 +64,10 @@ def build(blocks: int, width: int, key: jax.Array) -> UniversalTransformer:
     keys = jax.random.split(key, 2 * blocks)
     return UniversalTransformer(
         [
-            Block(Attention(width, key=keys[2 * i]), eqx.nn.MLP(width, width, 4 * width, 1, key=keys[2 * i + 1]))
+            Block(
+                Attention(width, key=keys[2 * i]),
+                eqx.nn.MLP(width, width, 4 * width, 1, key=keys[2 * i + 1]),
+            )
             for i in range(blocks)
         ]
     )
@@ -134,14 +137,26 @@ def main() -> None:
 
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, f32")
-    print(f"model: {args.blocks} blocks, width {args.width}, hidden {4 * args.width}, batch {args.batch}x{args.seq}")
-    results = {"device": str(device.device_kind), "jax": jax.__version__, "args": vars(args), "variants": {}}
+    print(
+        f"model: {args.blocks} blocks, width {args.width}, hidden {4 * args.width}, "
+        f"batch {args.batch}x{args.seq}"
+    )
+    results = {
+        "device": str(device.device_kind),
+        "jax": jax.__version__,
+        "args": vars(args),
+        "variants": {},
+    }
     base = statistics.median(times["hand"])
     print(f"{'variant':8} {'HLO params':>10} {'step ms':>9} {'vs hand':>8}")
     for name, (compiled, _) in variants.items():
         median = statistics.median(times[name])
         params = hlo_parameters(compiled)
-        results["variants"][name] = {"hlo_parameters": params, "step_seconds_median": median, "ratio_to_hand": median / base}
+        results["variants"][name] = {
+            "hlo_parameters": params,
+            "step_seconds_median": median,
+            "ratio_to_hand": median / base,
+        }
         print(f"{name:8} {params:>10} {1e3 * median:>9.2f} {median / base:>8.3f}")
     out = pathlib.Path(__file__).parent / "results" / "tie_overhead.json"
     out.parent.mkdir(exist_ok=True)

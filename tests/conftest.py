@@ -1,6 +1,7 @@
 """Test configuration shared by every suite.
 
-- JAX sees four CPU devices (for sharding tests) and runs with strict dtype promotion and rank promotion errors, so a test cannot pass by accident
+- JAX sees four CPU devices (for sharding tests) and runs with strict dtype promotion and rank
+  promotion errors, so a test cannot pass by accident
   through an implicit upcast or broadcast.
 - Hypothesis profiles follow JAX's own: `ci` (the default; bounded examples, derandomized, no
   deadline, no example database) and `dev` (many more examples). Choose with the environment

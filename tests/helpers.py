@@ -66,7 +66,13 @@ def hlo_parameter_count(compiled_text: str) -> int:
     """Number of parameters of the ENTRY computation of compiled HLO text."""
     entry = compiled_text[compiled_text.index("ENTRY") :]
     body = entry[: entry.index("\n}")]
-    return len({line.split("parameter(")[1].split(")")[0] for line in body.splitlines() if " parameter(" in line})
+    return len(
+        {
+            line.split("parameter(")[1].split(")")[0]
+            for line in body.splitlines()
+            if " parameter(" in line
+        }
+    )
 
 
 def float_leaves(tree) -> list[np.ndarray]:

@@ -31,7 +31,12 @@ def test_tied_tower_compiles_to_as_many_parameters_as_the_hand_written_one(getke
     x = jax.random.normal(getkey(), (4, 8))
     spec = tt.TieSpec(ffn="blocks[*].mlp")
     tied = _compiled_text(tt.tie(tower_loss, spec), tt.pack(tower, spec), x)
-    hand = _compiled_text(_hand_written_loss, eqx.tree_at(lambda m: [b.mlp for b in m.blocks], tower, replace_fn=lambda _: None), tower.blocks[0].mlp, x)
+    hand = _compiled_text(
+        _hand_written_loss,
+        eqx.tree_at(lambda m: [b.mlp for b in m.blocks], tower, replace_fn=lambda _: None),
+        tower.blocks[0].mlp,
+        x,
+    )
     untied = _compiled_text(tower_loss, tower, x)
     assert hlo_parameter_count(tied) == hlo_parameter_count(hand) == 6 * 2 + 4 + 1
     assert hlo_parameter_count(untied) == 6 * 2 + 6 * 4 + 1

@@ -33,12 +33,15 @@ tied_loss = tt.tie(tower_loss, SPEC)
 
 
 def untied_on_packed(packed, x):
-    """The reference semantics: the untied loss at the unpacked model, differentiated through unpack."""
+    """The reference semantics: the untied loss at the unpacked model (differentiated through
+    unpack)."""
     return tower_loss(tt.unpack(packed, SPEC), x)
 
 
 def test_tie_commutes_with_jit(packed, x):
-    assert_trees_close(eqx.filter_jit(tied_loss)(packed, x), eqx.filter_jit(untied_on_packed)(packed, x))
+    assert_trees_close(
+        eqx.filter_jit(tied_loss)(packed, x), eqx.filter_jit(untied_on_packed)(packed, x)
+    )
     arrays, static = eqx.partition(packed, eqx.is_array)
     plain_jit = jax.jit(lambda a, x: tied_loss(eqx.combine(a, static), x))
     assert_trees_close(plain_jit(arrays, x), untied_on_packed(packed, x))
@@ -55,7 +58,9 @@ def test_tie_commutes_with_vjp_and_jvp(packed, x, getkey):
     tied = lambda a: tied_loss(eqx.combine(a, static), x)  # noqa: E731
     untied = lambda a: untied_on_packed(eqx.combine(a, static), x)  # noqa: E731
     tangent = jax.tree.map(lambda a: jax.random.normal(getkey(), a.shape), arrays)
-    assert_trees_close(jax.jvp(tied, (arrays,), (tangent,)), jax.jvp(untied, (arrays,), (tangent,)), summands=3)
+    assert_trees_close(
+        jax.jvp(tied, (arrays,), (tangent,)), jax.jvp(untied, (arrays,), (tangent,)), summands=3
+    )
     ct = jax.random.normal(getkey(), ())
     assert_trees_close(jax.vjp(tied, arrays)[1](ct), jax.vjp(untied, arrays)[1](ct), summands=3)
 
@@ -78,7 +83,9 @@ def test_tie_commutes_with_vmap_over_inputs(packed, x):
 
 
 def test_tie_commutes_with_vmap_over_params(getkey, x):
-    ensemble = eqx.filter_vmap(lambda k: tt.pack(Tower(3, key=k), SPEC, copy=False))(jax.random.split(getkey(), 2))
+    ensemble = eqx.filter_vmap(lambda k: tt.pack(Tower(3, key=k), SPEC, copy=False))(
+        jax.random.split(getkey(), 2)
+    )
     got = eqx.filter_vmap(tied_loss, in_axes=(eqx.if_array(0), None))(ensemble, x)
     want = eqx.filter_vmap(untied_on_packed, in_axes=(eqx.if_array(0), None))(ensemble, x)
     assert got.shape == (2,)
@@ -114,9 +121,18 @@ def test_tie_commutes_with_shard_map(getkey):
     def local_loss(p, x):
         return jax.lax.psum(jnp.sum(jnp.tanh(x @ p["a"]) @ p["b"]), "data")
 
-    sharded = jax.shard_map(tt.tie(local_loss, spec), mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
-    reference = jax.shard_map(lambda p, x: local_loss(tt.unpack(p, spec), x), mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
-    assert_trees_close(jax.jit(jax.grad(sharded))(packed, xs), jax.jit(jax.grad(reference))(packed, xs), summands=2)
+    sharded = jax.shard_map(
+        tt.tie(local_loss, spec), mesh=mesh, in_specs=(P(), P("data")), out_specs=P()
+    )
+    reference = jax.shard_map(
+        lambda p, x: local_loss(tt.unpack(p, spec), x),
+        mesh=mesh,
+        in_specs=(P(), P("data")),
+        out_specs=P(),
+    )
+    assert_trees_close(
+        jax.jit(jax.grad(sharded))(packed, xs), jax.jit(jax.grad(reference))(packed, xs), summands=2
+    )
 
 
 def test_tie_inside_user_shard_map_is_rewritten_with_its_body(getkey):
@@ -126,10 +142,19 @@ def test_tie_inside_user_shard_map_is_rewritten_with_its_body(getkey):
     xs = jax.device_put(jax.random.normal(getkey(), (8, 3)), NamedSharding(mesh, P("data")))
 
     def loss(p, x):
-        body = jax.shard_map(lambda x: jax.lax.psum(jnp.sum(x @ (p["a"] * p["b"])), "data"), mesh=mesh, in_specs=P("data"), out_specs=P())
+        body = jax.shard_map(
+            lambda x: jax.lax.psum(jnp.sum(x @ (p["a"] * p["b"])), "data"),
+            mesh=mesh,
+            in_specs=P("data"),
+            out_specs=P(),
+        )
         return body(x)
 
-    assert_trees_close(jax.grad(tt.tie(loss, spec))(packed, xs), jax.grad(lambda p, x: loss(tt.unpack(p, spec), x))(packed, xs), summands=2)
+    assert_trees_close(
+        jax.grad(tt.tie(loss, spec))(packed, xs),
+        jax.grad(lambda p, x: loss(tt.unpack(p, spec), x))(packed, xs),
+        summands=2,
+    )
 
 
 def test_tie_keeps_explicit_shardings(getkey):
@@ -137,7 +162,10 @@ def test_tie_keeps_explicit_shardings(getkey):
     spec = tt.TieSpec(g=["a", "b"])
     sharding = NamedSharding(mesh, P(None, "model"))
     with jax.set_mesh(mesh):
-        params = {"a": jax.device_put(jax.random.normal(getkey(), (4, 8)), sharding), "b": jnp.zeros((4, 8))}
+        params = {
+            "a": jax.device_put(jax.random.normal(getkey(), (4, 8)), sharding),
+            "b": jnp.zeros((4, 8)),
+        }
         packed = tt.pack(params, spec)
         assert packed["a"].sharding == sharding
         f = lambda p, x: jnp.sum(jnp.tanh(x @ p["a"]) * (x @ p["b"]))  # noqa: E731
@@ -183,4 +211,6 @@ def test_stacked_tie_composes_with_vmap_and_jit(getkey):
     tied = jax.jit(jax.vmap(tt.tie(lambda m, x: m(x), spec), in_axes=(None, 0)))
     want = jax.vmap(lambda m, x: tt.unpack(m, spec)(x), in_axes=(None, 0))(packed, xs)
     assert_trees_close(tied(packed, xs), want)
-    np.testing.assert_array_equal(jax.grad(lambda p: tied(p, xs).sum())(packed).weight.rows, (0, 0, 1, 0))
+    np.testing.assert_array_equal(
+        jax.grad(lambda p: tied(p, xs).sum())(packed).weight.rows, (0, 0, 1, 0)
+    )

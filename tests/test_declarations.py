@@ -18,7 +18,9 @@ def members_of(spec, params, name):
     packed = tt.pack(params, spec)
     paths = [
         jax.tree_util.keystr(path)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(packed, is_leaf=lambda x: isinstance(x, tt.TiedLeaf))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+            packed, is_leaf=lambda x: isinstance(x, tt.TiedLeaf)
+        )
         if isinstance(leaf, tt.TiedLeaf) and leaf.group == name
     ]
     return paths
@@ -53,7 +55,9 @@ def test_canonical_member_can_be_chosen_by_path_or_position(tower):
     packed = tt.pack(tower, spec)
     assert isinstance(packed.blocks[0].mlp.layers[0].weight, tt.TiedLeaf)
     assert packed.blocks[0].mlp.layers[0].weight.source == "blocks[2].mlp.layers[0].weight"
-    np.testing.assert_array_equal(packed.blocks[2].mlp.layers[0].weight, tower.blocks[2].mlp.layers[0].weight)
+    np.testing.assert_array_equal(
+        packed.blocks[2].mlp.layers[0].weight, tower.blocks[2].mlp.layers[0].weight
+    )
     by_position = tt.pack(tower, tt.TieSpec(ffn=tt.group("blocks[*].mlp", canonical=-1)))
     assert by_position.blocks[0].mlp.layers[0].weight.source == "blocks[3].mlp.layers[0].weight"
 
@@ -74,7 +78,9 @@ def test_single_member_group_is_refused(tower):
 
 
 def test_overlapping_groups_are_refused(tower):
-    spec = tt.TieSpec(ffn="blocks[*].mlp", first=["blocks[0].mlp.layers[0]", "blocks[1].mlp.layers[0]"])
+    spec = tt.TieSpec(
+        ffn="blocks[*].mlp", first=["blocks[0].mlp.layers[0]", "blocks[1].mlp.layers[0]"]
+    )
     with pytest.raises(ValueError, match=r"Tie groups 'ffn' and 'first' overlap at blocks\[0\]"):
         tt.pack(tower, spec)
 
@@ -93,7 +99,9 @@ def test_members_with_different_structure_are_refused():
 
 def test_members_with_different_shapes_are_refused_naming_both():
     params = {"a": jnp.ones((3, 2)), "b": jnp.ones((2, 3))}
-    with pytest.raises(ValueError, match=r"must have the same shape and dtype(.|\n)*  a  f32\[3,2\]"):
+    with pytest.raises(
+        ValueError, match=r"must have the same shape and dtype(.|\n)*  a  f32\[3,2\]"
+    ):
         tt.pack(params, tt.TieSpec(g=["a", "b"]))
 
 
@@ -117,7 +125,9 @@ def test_non_array_members_are_refused():
 
 def test_view_whose_output_does_not_fit_is_refused():
     params = {"emb": jnp.ones((3, 4)), "head": jnp.ones((3, 4))}
-    with pytest.raises(ValueError, match=r"must fit the output of its view(.|\n)*  head  f32\[3,4\]"):
+    with pytest.raises(
+        ValueError, match=r"must fit the output of its view(.|\n)*  head  f32\[3,4\]"
+    ):
         tt.pack(params, tt.TieSpec(head=tt.view("emb", "head", jnp.transpose)))
 
 

@@ -1,4 +1,4 @@
-"""Kernel routing inside `tie`: FFNs on tied weights are served by `kernels.ffn`, nothing else is."""
+"""Kernel routing inside `tie`: FFNs on tied weights are served by `kernels.ffn`; nothing else."""
 
 import equinox as eqx
 import jax
@@ -22,7 +22,11 @@ def _kernel_calls(fn, *args) -> int:
 
 
 def _close(got, want, rtol=KERNEL_RTOL):
-    for a, b in zip(jax.tree.leaves(eqx.filter(got, eqx.is_array)), jax.tree.leaves(eqx.filter(want, eqx.is_array)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(got, eqx.is_array)),
+        jax.tree.leaves(eqx.filter(want, eqx.is_array)),
+        strict=True,
+    ):
         scale = max(float(np.max(np.abs(b))), 1e-30)
         assert float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) <= rtol * scale
 
@@ -96,7 +100,10 @@ def test_a_stacked_ffn_tied_across_scan_iterations_is_served_inside_the_scan_bod
 def _mlp_params(getkey, untied_w2=False):
     d, hidden = 8, 16
     params = {
-        "a": {"w1": jax.random.normal(getkey(), (d, hidden)), "w2": jax.random.normal(getkey(), (hidden, d))},
+        "a": {
+            "w1": jax.random.normal(getkey(), (d, hidden)),
+            "w2": jax.random.normal(getkey(), (hidden, d)),
+        },
         "b": {"w1": jnp.zeros((d, hidden)), "w2": jnp.zeros((hidden, d))},
     }
     return params, jax.random.normal(getkey(), (3, d))
@@ -117,7 +124,9 @@ def test_an_ffn_whose_middle_is_not_elementwise_is_left_alone(getkey):
     spec = tt.TieSpec(mlp=["a", "b"])
 
     def loss(p, x):
-        return sum(jnp.sum(jax.nn.softmax(x @ p[k]["w1"], axis=-1) @ p[k]["w2"]) for k in ("a", "b"))
+        return sum(
+            jnp.sum(jax.nn.softmax(x @ p[k]["w1"], axis=-1) @ p[k]["w2"]) for k in ("a", "b")
+        )
 
     assert _kernel_calls(tt.tie(loss, spec, fuse_ffn=True), tt.pack(params, spec), x) == 0
 

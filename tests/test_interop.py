@@ -2,7 +2,6 @@
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -67,4 +66,6 @@ def test_serialised_packed_params_store_one_copy_and_reload(tower, tmp_path, get
     x = jax.random.normal(getkey(), (3, 8))
     loss = tt.tie(tower_loss, SPEC)
     assert_trees_close(loss(reloaded, x), loss(packed, x))
-    np.testing.assert_array_equal(reloaded.blocks[0].mlp.layers[0].weight, packed.blocks[0].mlp.layers[0].weight)
+    np.testing.assert_array_equal(
+        reloaded.blocks[0].mlp.layers[0].weight, packed.blocks[0].mlp.layers[0].weight
+    )

@@ -31,7 +31,9 @@ def test_unpack_of_pack_is_the_model_with_every_member_set_to_its_canonical_valu
     full = tt.unpack(tt.pack(tower, SPEC), SPEC)
     for block, original in zip(full.blocks, tower.blocks, strict=True):
         np.testing.assert_array_equal(block.attn.weight, original.attn.weight)
-        for got, want in zip(jax.tree.leaves(block.mlp), jax.tree.leaves(tower.blocks[0].mlp), strict=True):
+        for got, want in zip(
+            jax.tree.leaves(block.mlp), jax.tree.leaves(tower.blocks[0].mlp), strict=True
+        ):
             if eqx.is_array(got):
                 np.testing.assert_array_equal(got, want)
 
@@ -104,7 +106,9 @@ def test_packing_packed_params_is_refused(tower):
 
 def test_unpack_refuses_params_packed_with_another_spec(tower):
     packed = tt.pack(tower, tt.TieSpec(ffn="blocks[*].mlp.layers[0]"))
-    with pytest.raises(ValueError, match=r"packed params do not match the spec: blocks\[1\]\.mlp\.layers\[1\]"):
+    with pytest.raises(
+        ValueError, match=r"packed params do not match the spec: blocks\[1\]\.mlp\.layers\[1\]"
+    ):
         tt.unpack(packed, SPEC)
 
 
@@ -116,7 +120,11 @@ def test_unpack_refuses_a_canonical_leaf_whose_shape_changed(tower):
 
 
 def test_unpack_refuses_placeholders_no_group_covers():
-    packed = {"a": jnp.ones(2), "b": tt.TiedLeaf("g", "a", (2,), jnp.float32, False), "c": jnp.ones(2)}
+    packed = {
+        "a": jnp.ones(2),
+        "b": tt.TiedLeaf("g", "a", (2,), jnp.float32, False),
+        "c": jnp.ones(2),
+    }
     packed["d"] = tt.TiedLeaf("x", "c", (2,), jnp.float32, False)
     with pytest.raises(ValueError, match="no tie group of this spec covers it"):
         tt.unpack(packed, tt.TieSpec(x=["c", "d"]))
@@ -134,7 +142,10 @@ def test_describe_accepts_the_full_model_too(tower):
 
 
 def test_pack_works_on_plain_containers_and_keeps_non_array_leaves():
-    params = {"layers": [{"w": jnp.ones(2), "name": "first"}, {"w": jnp.ones(2), "name": "second"}], "step": 3}
+    params = {
+        "layers": [{"w": jnp.ones(2), "name": "first"}, {"w": jnp.ones(2), "name": "second"}],
+        "step": 3,
+    }
     packed = tt.pack(params, tt.TieSpec(w="layers[*].w"))
     assert packed["step"] == 3 and packed["layers"][1]["name"] == "second"
     assert isinstance(packed["layers"][1]["w"], tt.TiedLeaf)

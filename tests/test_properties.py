@@ -1,5 +1,6 @@
 """Property tests: random pytrees, random groups (patterns, paths, where, views, stacks), random
-shapes and dtypes. Every tied result is compared with the untied function at the materialised model."""
+shapes and dtypes. Every tied result is compared with the untied function at the materialised
+model."""
 
 import equinox as eqx
 import jax
@@ -34,19 +35,30 @@ def test_tied_gradients_match_finite_differences_in_float64(problem):
     with jax.enable_x64(True):
         problem = _as_f64(problem)
         packed, tied = _tied(problem)
-        check_grads(lambda p: tied(p, *problem.args), (packed,), order=1, modes=["rev"], atol=1e-7, rtol=1e-7)
+        check_grads(
+            lambda p: tied(p, *problem.args),
+            (packed,),
+            order=1,
+            modes=["rev"],
+            atol=1e-7,
+            rtol=1e-7,
+        )
 
 
 def _as_f64(problem: TiedProblem) -> TiedProblem:
     to_f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
     params = jax.tree.map(to_f64, problem.params)
-    return TiedProblem(params, problem.spec, problem.fn, jax.tree.map(to_f64, problem.args), problem.description)
+    return TiedProblem(
+        params, problem.spec, problem.fn, jax.tree.map(to_f64, problem.args), problem.description
+    )
 
 
 @given(tied_problems())
 def test_tie_commutes_with_jit(problem):
     packed, tied = _tied(problem)
-    assert_trees_close(jax.jit(tied)(packed, *problem.args), jax.jit(_untied(problem))(packed, *problem.args))
+    assert_trees_close(
+        jax.jit(tied)(packed, *problem.args), jax.jit(_untied(problem))(packed, *problem.args)
+    )
     grad_tied = jax.jit(jax.grad(tied))(packed, *problem.args)
     grad_untied = jax.jit(jax.grad(_untied(problem)))(packed, *problem.args)
     assert_trees_close(grad_tied, grad_untied, summands=5)
@@ -56,7 +68,9 @@ def test_tie_commutes_with_jit(problem):
 def test_tie_commutes_with_vmap(problem, batch):
     packed, tied = _tied(problem)
     xs = jnp.stack([problem.args[0] + i for i in range(batch)])
-    assert_trees_close(jax.vmap(tied, (None, 0))(packed, xs), jax.vmap(_untied(problem), (None, 0))(packed, xs))
+    assert_trees_close(
+        jax.vmap(tied, (None, 0))(packed, xs), jax.vmap(_untied(problem), (None, 0))(packed, xs)
+    )
 
 
 @given(tied_problems())
@@ -83,4 +97,8 @@ def test_compiled_program_has_one_parameter_per_buffer(problem):
     assert hlo_parameter_count(compiled) == buffers + len(problem.args)
     full = tt.unpack(packed, problem.spec)
     untied = jax.jit(problem.fn).lower(full, *problem.args).compile().as_text()
-    assert hlo_parameter_count(untied) == len(jax.tree.leaves(full)) + len(problem.args) > buffers + len(problem.args)
+    assert (
+        hlo_parameter_count(untied)
+        == len(jax.tree.leaves(full)) + len(problem.args)
+        > buffers + len(problem.args)
+    )

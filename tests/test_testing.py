@@ -54,7 +54,11 @@ def test_check_tied_reports_a_wrong_value(monkeypatch):
 
 @pytest.mark.parametrize(
     ("dtype", "expected"),
-    [(jnp.float64, 2 * 2 * 2.0**-52), (jnp.float32, 2 * 2 * 2.0**-23), (jnp.bfloat16, 2 * 2 * 2.0**-7)],
+    [
+        (jnp.float64, 2 * 2 * 2.0**-52),
+        (jnp.float32, 2 * 2 * 2.0**-23),
+        (jnp.bfloat16, 2 * 2 * 2.0**-7),
+    ],
 )
 def test_tolerance_is_derived_from_the_dtypes_epsilon(dtype, expected):
     assert tolerance(dtype) == pytest.approx(expected)
@@ -64,7 +68,11 @@ def test_tolerance_is_derived_from_the_dtypes_epsilon(dtype, expected):
 @given(tied_problems())
 def test_strategy_problems_tie_at_least_two_members_that_the_function_reads(problem):
     packed = tt.pack(problem.params, problem.spec)
-    placeholders = [x for x in jax.tree.leaves(packed, is_leaf=tt._placeholders.is_placeholder) if tt._placeholders.is_placeholder(x)]
+    placeholders = [
+        x
+        for x in jax.tree.leaves(packed, is_leaf=tt._placeholders.is_placeholder)
+        if tt._placeholders.is_placeholder(x)
+    ]
     assert placeholders
     full = tt.unpack(packed, problem.spec)
     grads = jax.grad(problem.fn)(full, *problem.args)

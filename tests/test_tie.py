@@ -74,7 +74,9 @@ def test_static_arguments_and_non_array_outputs_pass_through(tower, x):
 
     out = run(tt.pack(tower, SPEC), x, scale=2.0, label="train")
     assert out["label"] == "train"
-    np.testing.assert_allclose(out["loss"], 2.0 * tower_loss(tt.unpack(tt.pack(tower, SPEC), SPEC), x), rtol=1e-6)
+    np.testing.assert_allclose(
+        out["loss"], 2.0 * tower_loss(tt.unpack(tt.pack(tower, SPEC), SPEC), x), rtol=1e-6
+    )
 
 
 def test_tied_function_refuses_a_full_model(tower, x):
@@ -104,7 +106,9 @@ def test_a_member_that_is_never_read_warns(tower, x):
     def loss(model, x):
         return tower_loss(eqx.tree_at(lambda m: m.blocks, model, model.blocks[:3]), x)
 
-    with pytest.warns(tt.UnreadMemberWarning, match=r"Member blocks\[3\]\.mlp of tie group 'ffn' is never read"):
+    with pytest.warns(
+        tt.UnreadMemberWarning, match=r"Member blocks\[3\]\.mlp of tie group 'ffn' is never read"
+    ):
         loss(tt.pack(tower, SPEC), x)
 
 
@@ -119,7 +123,11 @@ def test_a_member_read_only_by_dead_code_warns(tower, x):
 
 
 def test_audit_can_be_switched_off(tower, x):
-    loss = tt.tie(lambda m, x: tower_loss(eqx.tree_at(lambda m: m.blocks, m, m.blocks[:3]), x), SPEC, audit=False)
+    loss = tt.tie(
+        lambda m, x: tower_loss(eqx.tree_at(lambda m: m.blocks, m, m.blocks[:3]), x),
+        SPEC,
+        audit=False,
+    )
     loss(tt.pack(tower, SPEC), x)  # no warning: pytest turns warnings into errors
 
 

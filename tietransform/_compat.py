@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.core
+import jax.extend.core
 
 
 try:  # Private, used only to keep user tracebacks pointing at user code.

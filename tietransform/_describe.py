@@ -80,10 +80,19 @@ def describe(params: Any, spec: TieSpec) -> str:
     for g in plan.groups:
         per_member = tied_leaves[g.name] if g.kind != "stack" else len(g.members[0].leaves)
         rows.append(
-            (g.name, g.kind, str(len(g.members)), str(per_member), g.canonical.path, _human(saved[g.name]))
+            (
+                g.name,
+                g.kind,
+                str(len(g.members)),
+                str(per_member),
+                g.canonical.path,
+                _human(saved[g.name]),
+            )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
     for g in plan.groups:
         shown = [m.path for m in g.members]
         if len(shown) > 4:
@@ -96,4 +105,3 @@ def describe(params: Any, spec: TieSpec) -> str:
         f"(saved {_human(total_saved)}, {100 * fraction:.1f}%)"
     )
     return "\n".join(lines)
-

@@ -19,7 +19,7 @@ import contextlib
 import contextvars
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,7 @@ KNOWN_CUSTOM_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 class Routing:
     """Where FFN sites go: `implementation` is passed to `kernels.ffn`."""
 
-    implementation: str
+    implementation: Literal["auto", "pallas", "interpret", "xla", "xla_remat"]
 
 
 @dataclasses.dataclass
@@ -197,7 +197,9 @@ class _Matcher:
         if bcast.primitive.name != "broadcast_in_dim" or _compat.is_literal(bcast.invars[0]):
             return None
         vector = bcast.invars[0]
-        if vector.aval.shape != (width,) or tuple(bcast.params["broadcast_dimensions"]) != (_rank(value) - 1,):
+        if vector.aval.shape != (width,) or tuple(bcast.params["broadcast_dimensions"]) != (
+            _rank(value) - 1,
+        ):
             return None
         return vector, self.eqns[add].outvars[0], [source, add]
 
@@ -215,7 +217,10 @@ class _Matcher:
                     return None
                 inside = set(region)
                 for var in region_vars:
-                    if any(u not in inside and not (var is a and u == index) for u in self.uses.get(var, [])):
+                    if any(
+                        u not in inside and not (var is a and u == index)
+                        for u in self.uses.get(var, [])
+                    ):
                         return None
                 return region, a, index
             others = [v for v in eqn.invars if not _compat.is_literal(v) and v not in region_vars]
@@ -258,7 +263,22 @@ class _Matcher:
         act_eqns = tuple(self.eqns[i] for i in region)
         names = [_elementwise_kind(e) for e in act_eqns]
         name = next((n for n in names if n not in ("prim", "jit")), None) or "traced elementwise"
-        return FFNSite(frozenset(consumed), max(consumed), x, w1, w1_t, b1, w2, w2_t, b2, h, a, act_eqns, out, name)
+        return FFNSite(
+            frozenset(consumed),
+            max(consumed),
+            x,
+            w1,
+            w1_t,
+            b1,
+            w2,
+            w2_t,
+            b2,
+            h,
+            a,
+            act_eqns,
+            out,
+            name,
+        )
 
 
 def find_ffn_sites(jaxpr: Any, tied: set[Any]) -> dict[int, FFNSite]:
@@ -286,11 +306,15 @@ def _eval_elementwise(eqns: Sequence[Any], env: dict[Any, Any]) -> None:
             outs = _compat.bind_equation(eqn, invals)
         elif kind == "jit":
             inner, consts = _compat.split_jaxpr(eqn.params["jaxpr"])
-            inner_env = dict(zip([*inner.constvars, *inner.invars], [*consts, *invals], strict=True))
+            inner_env = dict(
+                zip([*inner.constvars, *inner.invars], [*consts, *invals], strict=True)
+            )
             _eval_elementwise(inner.eqns, inner_env)
             outs = [v.val if _compat.is_literal(v) else inner_env[v] for v in inner.outvars]
-        else:
+        elif kind is not None:
             outs = [KNOWN_CUSTOM_ACTIVATIONS[kind](*invals)]
+        else:  # pragma: no cover - sites only hold elementwise equations
+            raise AssertionError(f"not elementwise: {eqn.primitive.name}")
         env.update(zip(eqn.outvars, outs, strict=True))
 
 
@@ -314,4 +338,6 @@ def serve(site: FFNSite, read: Callable[[Any], Any], routing: Routing) -> Any:
     if report is not None:
         shape = f"{site.x.aval.str_short()} -> {w1.shape[1]} -> {w2.shape[1]}"
         report.append(RoutedFFN(shape, site.activation_name, routing.implementation))
-    return ffn(read(site.x), w1, b1, w2, b2, activation=activation, implementation=routing.implementation)
+    return ffn(
+        read(site.x), w1, b1, w2, b2, activation=activation, implementation=routing.implementation
+    )

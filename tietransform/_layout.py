@@ -287,6 +287,8 @@ def full_leaves(
     for leaf in layout.stacks:
         stacked_leaf = leaves[leaf]
         out[leaf] = (
-            stacked(stacked_leaf) if stacked is not None else take_rows(stacked_leaf.data, stacked_leaf.rows)
+            stacked(stacked_leaf)
+            if stacked is not None
+            else take_rows(stacked_leaf.data, stacked_leaf.rows)
         )
     return out

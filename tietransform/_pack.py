@@ -3,6 +3,7 @@
 from typing import Any, TypeVar
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
@@ -16,7 +17,9 @@ from ._spec import TieSpec
 PyTree = TypeVar("PyTree")
 
 
-def pack(params: PyTree, spec: TieSpec, *, require_equal: bool = False, copy: bool = True) -> PyTree:
+def pack(
+    params: PyTree, spec: TieSpec, *, require_equal: bool = False, copy: bool = True
+) -> PyTree:
     """Deduplicate `params`: keep one buffer per tied leaf.
 
     **Arguments:**
@@ -52,7 +55,9 @@ def pack(params: PyTree, spec: TieSpec, *, require_equal: bool = False, copy: bo
     out = [_copy(x) if copy else x for x in leaves]
     for slot in layout.slots:
         for reader in slot.readers:
-            out[reader] = TiedLeaf(slot.group, plan.paths[slot.canonical], *leaf_type(leaves[reader]))
+            out[reader] = TiedLeaf(
+                slot.group, plan.paths[slot.canonical], *leaf_type(leaves[reader])
+            )
     for leaf, stack in layout.stacks.items():
         data = jnp.take(leaves[leaf], np.asarray(stack.kept, dtype=np.int32), axis=0)
         out[leaf] = StackedLeaf(data, stack.rows, stack.groups, leaf_type(leaves[leaf])[2])
@@ -102,7 +107,9 @@ def _concrete(x: Any, path: str) -> np.ndarray:
 def _check_equal(plan: Plan, layout: FullLayout, leaves: list[Any]) -> None:
     for slot in layout.slots:
         source = leaves[slot.canonical]
-        expect = _concrete(source if slot.fn is None else slot.fn(source), plan.paths[slot.canonical])
+        expect = _concrete(
+            source if slot.fn is None else slot.fn(source), plan.paths[slot.canonical]
+        )
         for reader in slot.readers:
             got = _concrete(leaves[reader], plan.paths[reader])
             if not np.array_equal(got, expect, equal_nan=expect.dtype.kind in "fc"):
@@ -130,4 +137,3 @@ def is_packed_like(tree: Any) -> bool:
     """Whether `tree` contains placeholders (is packed rather than full)."""
     _, leaves, _ = flatten(tree)
     return any(isinstance(x, TiedLeaf | StackedLeaf) for x in leaves)
-

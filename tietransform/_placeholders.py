@@ -27,7 +27,9 @@ class TiedLeaf:
 
     __slots__ = ("group", "source", "shape", "dtype", "weak_type")
 
-    def __init__(self, group: str, source: str, shape: tuple[int, ...], dtype: Any, weak_type: bool):
+    def __init__(
+        self, group: str, source: str, shape: tuple[int, ...], dtype: Any, weak_type: bool
+    ):
         self.group = group
         self.source = source
         self.shape = tuple(int(d) for d in shape)

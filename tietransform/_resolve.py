@@ -107,8 +107,10 @@ class _Resolver:
 
     # -- selecting nodes -------------------------------------------------------------------
     def select(self, name: str, selector: Selector) -> list[Member]:
-        keys = self._select_pattern(name, selector) if isinstance(selector, str) else (
-            self._select_where(name, selector)
+        keys = (
+            self._select_pattern(name, selector)
+            if isinstance(selector, str)
+            else (self._select_where(name, selector))
         )
         members = [self._member(name, k) for k in keys]
         return sorted(members, key=lambda m: m.leaves[0])
@@ -140,7 +142,9 @@ class _Resolver:
         picked = list(picked) if isinstance(picked, list | tuple) else [picked]
         wanted = {id(obj): obj for obj in picked}
         located: dict[int, KeyPath] = {}
-        with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: id(x) in wanted)
+        with_paths, _ = jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=lambda x: id(x) in wanted
+        )
         for path, obj in with_paths:
             if id(obj) in wanted:
                 located.setdefault(id(obj), tuple(path))
@@ -179,16 +183,22 @@ class _Resolver:
             if other.relative != first.relative:
                 only_first = sorted(set(first.relative) - set(other.relative))
                 only_other = sorted(set(other.relative) - set(first.relative))
-                detail = "leaves in a different order" if not (only_first or only_other) else (
-                    f"only {first.path} has {['.'.join(s) for s in only_first]}, "
-                    f"only {other.path} has {['.'.join(s) for s in only_other]}"
+                detail = (
+                    "leaves in a different order"
+                    if not (only_first or only_other)
+                    else (
+                        f"only {first.path} has {['.'.join(s) for s in only_first]}, "
+                        f"only {other.path} has {['.'.join(s) for s in only_other]}"
+                    )
                 )
                 raise ValueError(
                     f"Members of tie group {name!r} must have the same structure. "
                     f"{first.path} and {other.path} differ: {detail}."
                 )
 
-    def _pick_canonical(self, name: str, members: Sequence[Member], canonical: str | int | None) -> Member:
+    def _pick_canonical(
+        self, name: str, members: Sequence[Member], canonical: str | int | None
+    ) -> Member:
         if canonical is None:
             return members[0]
         if isinstance(canonical, int):

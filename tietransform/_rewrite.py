@@ -13,7 +13,7 @@ equation that reads it. One rule per higher-order primitive, registered next to 
 | `scan` (as `xs`)     | scans over `rows` instead, reading `data[row]` in the body: no copy     |
 | `jit`/`pjit`         | the inner jaxpr is evaluated inline, so the rules apply inside          |
 | `checkpoint`/`remat` | re-emitted as `jax.checkpoint` with the same policy; rules apply inside |
-| `cond`, `while`, `shard_map`, `custom_jvp_call`, `custom_vjp_call`, `pallas_call`, others | materialised first, with a `StackMaterialisedWarning` |
+| `cond`, `while`, `shard_map`, `custom_*`, `pallas_call`, ... | materialised, with a warning   |
 | first-order primitives | materialised (a gather XLA fuses into its consumer)                  |
 """
 
@@ -108,8 +108,10 @@ def evaluate(
     tied = [t or _is_lazy(a) for t, a in zip(tied, args, strict=True)]
     tied_vars = {v for v, t in zip(jaxpr.invars, tied, strict=True) if t}
     sites = find_ffn_sites(jaxpr, tied_vars) if routing is not None else {}
+    served_by = routing if routing is not None else Routing("xla")
     descend = routing is not None and any(
-        eqn.primitive.name in _rules and any(v in tied_vars for v in eqn.invars if not _compat.is_literal(v))
+        eqn.primitive.name in _rules
+        and any(v in tied_vars for v in eqn.invars if not _compat.is_literal(v))
         for eqn in jaxpr.eqns
     )
     if not (sites or descend or any(_is_lazy(a) for a in args)):
@@ -124,13 +126,17 @@ def evaluate(
         env[var] = value
     for index, eqn in enumerate(jaxpr.eqns):
         if index in sites:
-            env[sites[index].out] = serve(sites[index], lambda v: _materialised([read(v)])[0], routing)
+            env[sites[index].out] = serve(
+                sites[index], lambda v: _materialised([read(v)])[0], served_by
+            )
             continue
         if index in consumed:
             continue
         invals = [read(v) for v in eqn.invars]
         tied_in = [not _compat.is_literal(v) and v in tied_vars for v in eqn.invars]
-        if any(_is_lazy(v) for v in invals) or (routing is not None and any(tied_in) and eqn.primitive.name in _rules):
+        if any(_is_lazy(v) for v in invals) or (
+            routing is not None and any(tied_in) and eqn.primitive.name in _rules
+        ):
             outs = _rules.get(eqn.primitive.name, _default_rule)(eqn, invals, tied_in, routing)
         else:
             outs = _compat.bind_equation(eqn, invals)
@@ -139,7 +145,9 @@ def evaluate(
     return _materialised([read(v) for v in jaxpr.outvars])
 
 
-def _default_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None) -> list[Any]:
+def _default_rule(
+    eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None
+) -> list[Any]:
     del tied, routing
     if _compat.inner_jaxprs(eqn):
         groups = sorted({g for v in invals if _is_lazy(v) for g in v.groups})
@@ -190,7 +198,9 @@ def _scan_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing |
 _rules["scan"] = _scan_rule
 
 
-def _checkpoint_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None) -> list[Any]:
+def _checkpoint_rule(
+    eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None
+) -> list[Any]:
     inner, consts = _compat.split_jaxpr(eqn.params["jaxpr"])
     flat = [v.data if _is_lazy(v) else v for v in invals]
 
@@ -213,7 +223,9 @@ def live_inputs(jaxpr: Any, live_outputs: Sequence[bool] | None = None) -> list[
     `checkpoint`; other equations count all their inputs as read."""
     live_outputs = [True] * len(jaxpr.outvars) if live_outputs is None else live_outputs
     live: set[Any] = {
-        v for v, keep in zip(jaxpr.outvars, live_outputs, strict=True) if keep and not _compat.is_literal(v)
+        v
+        for v, keep in zip(jaxpr.outvars, live_outputs, strict=True)
+        if keep and not _compat.is_literal(v)
     }
     for eqn in reversed(jaxpr.eqns):
         outs_live = [v in live for v in eqn.outvars]
@@ -222,10 +234,14 @@ def live_inputs(jaxpr: Any, live_outputs: Sequence[bool] | None = None) -> list[
         name = eqn.primitive.name
         if name in _compat.JIT_PRIMITIVE_NAMES or name in _compat.CHECKPOINT_PRIMITIVE_NAMES:
             inner, _ = _compat.split_jaxpr(eqn.params["jaxpr"])
-            ins_live = live_inputs(inner, outs_live) if not eqn.effects else [True] * len(eqn.invars)
+            ins_live = (
+                live_inputs(inner, outs_live) if not eqn.effects else [True] * len(eqn.invars)
+            )
         else:
             ins_live = [True] * len(eqn.invars)
         live.update(
-            v for v, keep in zip(eqn.invars, ins_live, strict=True) if keep and not _compat.is_literal(v)
+            v
+            for v, keep in zip(eqn.invars, ins_live, strict=True)
+            if keep and not _compat.is_literal(v)
         )
     return [v in live for v in jaxpr.invars]

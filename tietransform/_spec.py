@@ -14,7 +14,9 @@ Selector: TypeAlias = str | Where
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-    """A plain tie group: every member reads the canonical member's value. See [`tietransform.group`][]."""
+    """A plain tie group: every member reads the canonical member's value.
+
+    See [`tietransform.group`][]."""
 
     members: tuple[Selector, ...]
     canonical: str | int | None = None
@@ -79,9 +81,7 @@ def group(*members: Selector | Sequence[Selector], canonical: str | int | None =
     return Group(tuple(flat), canonical)
 
 
-def view(
-    source: Selector, target: Selector | Sequence[Selector], fn: Callable[[Any], Any]
-) -> View:
+def view(source: Selector, target: Selector | Sequence[Selector], fn: Callable[[Any], Any]) -> View:
     """Tie `target` to a function of `source`, e.g. a language-model head to the embedding.
 
     **Arguments:**
@@ -190,7 +190,9 @@ class TieSpec:
                 raise ValueError(f"Tie group {name!r} is declared twice.")
         merged.update(named_groups)
         if not merged:
-            raise ValueError("A TieSpec needs at least one tie group, e.g. TieSpec(ffn='blocks[*].mlp').")
+            raise ValueError(
+                "A TieSpec needs at least one tie group, e.g. TieSpec(ffn='blocks[*].mlp')."
+            )
         for name in merged:
             if not isinstance(name, str) or not name:
                 raise TypeError(f"Tie group names must be non-empty strings, got {name!r}.")

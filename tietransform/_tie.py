@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, overload
 
 import jax
+import jax.core
 import numpy as np
 
 from . import _compat
@@ -26,8 +27,12 @@ def tie(
     fn: TieSpec, spec: None = None, /, *, audit: bool = True, fuse_ffn: FuseFFN = None
 ) -> Callable[[Callable], Callable]: ...
 @overload
-def tie(fn: Callable, spec: TieSpec, /, *, audit: bool = True, fuse_ffn: FuseFFN = None) -> Callable: ...
-def tie(fn: Any, spec: TieSpec | None = None, /, *, audit: bool = True, fuse_ffn: FuseFFN = None) -> Any:
+def tie(
+    fn: Callable, spec: TieSpec, /, *, audit: bool = True, fuse_ffn: FuseFFN = None
+) -> Callable: ...
+def tie(
+    fn: Any, spec: TieSpec | None = None, /, *, audit: bool = True, fuse_ffn: FuseFFN = None
+) -> Any:
     """Make `fn` read one buffer per tie group.
 
     Use as `tie(fn, spec)` or as a decorator, `@tie(spec)`.
@@ -96,7 +101,12 @@ def tie(fn: Any, spec: TieSpec | None = None, /, *, audit: bool = True, fuse_ffn
 
 def _routing(fuse_ffn: FuseFFN) -> Routing | None:
     if isinstance(fuse_ffn, str):
-        return Routing(fuse_ffn)
+        if fuse_ffn not in ("auto", "pallas", "interpret", "xla", "xla_remat"):
+            raise ValueError(
+                f"fuse_ffn={fuse_ffn!r} is not an implementation of kernels.ffn; use one of "
+                "'auto', 'pallas', 'interpret', 'xla', 'xla_remat', or a bool."
+            )
+        return Routing(fuse_ffn)  # type: ignore[arg-type]
     if fuse_ffn is False:
         return None
     accelerated = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
@@ -108,7 +118,13 @@ def _routing(fuse_ffn: FuseFFN) -> Routing | None:
 
 
 def _call(
-    fn: Callable, spec: TieSpec, audit: bool, routing: Routing | None, packed: Any, args: tuple, kwargs: dict
+    fn: Callable,
+    spec: TieSpec,
+    audit: bool,
+    routing: Routing | None,
+    packed: Any,
+    args: tuple,
+    kwargs: dict,
 ) -> Any:
     keypaths, leaves, treedef = flatten(packed)
     plan = plan_for(spec, keypaths, treedef)
@@ -145,7 +161,9 @@ def _call(
         _audit(fn, plan, jaxpr, consts, leaves, leaf_of_invar)
     tied_leaves = {i for slot in layout.slots for i in (slot.canonical, *slot.readers)}
     tied_leaves.update(layout.stacks)
-    tied = [i in tied_leaves for i, keep in enumerate(param_mask) if keep] + [False] * len(arg_values)
+    tied = [i in tied_leaves for i, keep in enumerate(param_mask) if keep] + [False] * len(
+        arg_values
+    )
     outs = evaluate(jaxpr, consts, [*param_values, *arg_values], tied, routing)
     return jax.tree_util.tree_unflatten(
         output["treedef"], _merge(output["leaves"], output["mask"], outs)
@@ -205,7 +223,9 @@ def _audit(
         )
 
 
-def _captured_params(consts: Sequence[Any], leaves: Sequence[Any], paths: Sequence[str]) -> list[str]:
+def _captured_params(
+    consts: Sequence[Any], leaves: Sequence[Any], paths: Sequence[str]
+) -> list[str]:
     """Paths of packed arrays that also appear, by identity or by value, among the consts."""
     found = []
     concrete = [

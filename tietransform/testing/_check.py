@@ -61,7 +61,9 @@ def tree_allclose(got: Any, expected: Any, *, summands: int = 1) -> list[str]:
     got_leaves = jax.tree_util.tree_leaves_with_path(got)
     expected_leaves = jax.tree_util.tree_leaves(expected)
     if len(got_leaves) != len(expected_leaves):
-        return [f"different structures: {jax.tree.structure(got)} vs {jax.tree.structure(expected)}"]
+        return [
+            f"different structures: {jax.tree.structure(got)} vs {jax.tree.structure(expected)}"
+        ]
     problems = []
     for (path, a), b in zip(got_leaves, expected_leaves, strict=True):
         if not is_array(a):
@@ -72,7 +74,9 @@ def tree_allclose(got: Any, expected: Any, *, summands: int = 1) -> list[str]:
         e = _f64(b)
         finite = e[np.isfinite(e)]
         err = _normwise_error(a, e, float(np.max(np.abs(finite))) if finite.size else 1.0)
-        tol = tolerance(np.asarray(a).dtype if np.asarray(a).dtype.kind == "f" else np.float32, summands)
+        tol = tolerance(
+            np.asarray(a).dtype if np.asarray(a).dtype.kind == "f" else np.float32, summands
+        )
         if not err <= tol:
             problems.append(f"{jax.tree_util.keystr(path)}: error {err:.3g} > tolerance {tol:.3g}")
     return problems
@@ -110,7 +114,9 @@ def expected_packed_grads(packed: Any, spec: TieSpec, full_grads: Any) -> tuple[
             group_scale = max(float(slice_scale[rows == k].sum()) for k in range(len(summed)))
             expected[i] = StackedLeaf(summed, leaf.rows, leaf.groups, leaf.weak_type)
             scale[i] = StackedLeaf(group_scale, leaf.rows, leaf.groups, leaf.weak_type)
-            terms[i] = StackedLeaf(int(np.bincount(rows).max()), leaf.rows, leaf.groups, leaf.weak_type)
+            terms[i] = StackedLeaf(
+                int(np.bincount(rows).max()), leaf.rows, leaf.groups, leaf.weak_type
+            )
         elif is_array(leaf):
             expected[i] = _f64(grads[i])
             scale[i] = float(np.max(np.abs(expected[i]), initial=0.0))
@@ -143,14 +149,18 @@ def _random_cotangent(key: jax.Array, out: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, cts)
 
 
-def _compare_grads(packed: Any, got: Any, expected: Any, scale: Any, terms: Any, paths: Sequence[str]) -> list[str]:
+def _compare_grads(
+    packed: Any, got: Any, expected: Any, scale: Any, terms: Any, paths: Sequence[str]
+) -> list[str]:
     problems = []
     _, got_leaves, _ = flatten(got)
     _, exp_leaves, _ = flatten(expected)
     _, scale_leaves, _ = flatten(scale)
     _, term_leaves, _ = flatten(terms)
     _, packed_leaves, _ = flatten(packed)
-    for path, p, g, e, s, n in zip(paths, packed_leaves, got_leaves, exp_leaves, scale_leaves, term_leaves, strict=True):
+    for path, p, g, e, s, n in zip(
+        paths, packed_leaves, got_leaves, exp_leaves, scale_leaves, term_leaves, strict=True
+    ):
         if isinstance(p, TiedLeaf) or not (is_array(p) or isinstance(p, StackedLeaf)):
             continue
         if isinstance(p, StackedLeaf):
@@ -206,7 +216,9 @@ def check_tied(
     tied = tie(fn, spec)
     packed_arrays, packed_static = eqx.partition(packed, eqx.is_array)
     full_arrays, full_static = eqx.partition(full, eqx.is_array)
-    out, tied_vjp = jax.vjp(lambda a: tied(eqx.combine(a, packed_static), *args, **kwargs), packed_arrays)
+    out, tied_vjp = jax.vjp(
+        lambda a: tied(eqx.combine(a, packed_static), *args, **kwargs), packed_arrays
+    )
     reference, reference_vjp = jax.vjp(
         lambda a: fn(eqx.combine(a, full_static), *args, **kwargs), full_arrays
     )
@@ -219,7 +231,9 @@ def check_tied(
         expected, scale, terms = expected_packed_grads(
             packed, spec, eqx.combine(full_grads, full_static)
         )
-        problems += _compare_grads(packed, eqx.combine(got, packed_static), expected, scale, terms, paths)
+        problems += _compare_grads(
+            packed, eqx.combine(got, packed_static), expected, scale, terms, paths
+        )
     if problems:
         raise TieCheckError(
             f"tie({getattr(fn, '__name__', 'fn')}, spec) disagrees with the untied function:\n"

@@ -68,7 +68,9 @@ _VIEW_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 
 @st.composite
-def shapes(draw: st.DrawFn, min_dims: int = 0, max_dims: int = 3, max_side: int = 4) -> tuple[int, ...]:
+def shapes(
+    draw: st.DrawFn, min_dims: int = 0, max_dims: int = 3, max_side: int = 4
+) -> tuple[int, ...]:
     """A small array shape."""
     return tuple(draw(st.lists(st.integers(1, max_side), min_size=min_dims, max_size=max_dims)))
 
@@ -91,10 +93,13 @@ def tied_problems(
         return jax.random.normal(next(keys), shape, dtype)
 
     num_blocks = draw(st.integers(2, 4))
-    block_shapes = {"w": draw(shapes(min_dims=1)), "b": draw(shapes())}
+    block_shapes: dict[str, Any] = {"w": draw(shapes(min_dims=1)), "b": draw(shapes())}
     if draw(st.booleans()):
         block_shapes["inner"] = {"v": draw(shapes(min_dims=1))}
-    blocks = [jax.tree.map(normal, block_shapes, is_leaf=lambda s: isinstance(s, tuple)) for _ in range(num_blocks)]
+    blocks = [
+        jax.tree.map(normal, block_shapes, is_leaf=lambda s: isinstance(s, tuple))
+        for _ in range(num_blocks)
+    ]
     params: dict[str, Any] = {"blocks": blocks, "scale": normal(())}
     chosen = sorted(draw(st.sets(st.integers(0, num_blocks - 1), min_size=2, max_size=num_blocks)))
     leaf = draw(st.sampled_from(["", ".w", ".b"]))
@@ -103,12 +108,17 @@ def tied_problems(
         members: Any = f"blocks[*]{leaf}"
     elif form == "where":
         key_name = leaf[1:]
-        members = lambda p: [p["blocks"][i][key_name] if key_name else p["blocks"][i] for i in chosen]  # noqa: E731
+
+        def where(p: Any) -> list[Any]:
+            return [p["blocks"][i][key_name] if key_name else p["blocks"][i] for i in chosen]
+
+        members = where
     else:
         members = [f"blocks[{i}]{leaf}" for i in chosen]
     canonical = draw(st.none() | st.integers(0, len(chosen) - 1))
     declarations: dict[str, Any] = {"ffn": group(members, canonical=canonical)}
-    description = [f"ffn=group({members if isinstance(members, str | list) else 'where: ' + str(chosen)}{leaf}, canonical={canonical})"]
+    shown = members if isinstance(members, str | list) else f"where: blocks {chosen}{leaf}"
+    description = [f"ffn=group({shown}, canonical={canonical})"]
     if views and draw(st.booleans()):
         name = draw(st.sampled_from(sorted(_VIEW_FNS)))
         a, b = draw(st.integers(1, 4)), draw(st.integers(1, 4))
