@@ -22,7 +22,9 @@ import pytest
 
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
-PAGES = sorted(p for p in DOCS.rglob("*.md") if "generated" not in p.parts and "```python" in p.read_text())
+PAGES = sorted(
+    p for p in DOCS.rglob("*.md") if "generated" not in p.parts and "```python" in p.read_text()
+)
 
 _FENCE = re.compile(
     r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)(?P<info>[^\n]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
@@ -53,8 +55,15 @@ def blocks_of(page: pathlib.Path) -> list[Block]:
             blocks.append(Block(line, body, skip))
         elif 'title="Output"' in fence["info"]:
             previous = blocks[-1] if blocks else None
-            if previous is None or previous.skip or previous.expected_output is not None or before.strip():
-                raise AssertionError(f"{page.name}:{line}: an Output block must directly follow a run python block")
+            if (
+                previous is None
+                or previous.skip
+                or previous.expected_output is not None
+                or before.strip()
+            ):
+                raise AssertionError(
+                    f"{page.name}:{line}: an Output block must directly follow a run python block"
+                )
             previous.expected_output = body
         previous_end = fence.end()
     return [b for b in blocks if not b.skip]
@@ -117,11 +126,16 @@ def test_generated_files_are_current():
     finally:
         sys.path.pop(0)
     with _user_defaults():
-        generated = gen_jaxprs.generate(only_version_independent=jax.__version__ != gen_jaxprs.recorded_version())
+        generated = gen_jaxprs.generate(
+            only_version_independent=jax.__version__ != gen_jaxprs.recorded_version()
+        )
     assert generated, "the generator produced nothing"
     stale = [
         name
         for name, text in generated.items()
-        if not (DOCS / "generated" / name).exists() or (DOCS / "generated" / name).read_text() != text
+        if not (DOCS / "generated" / name).exists()
+        or (DOCS / "generated" / name).read_text() != text
     ]
-    assert not stale, f"stale: {stale}; run `python docs/scripts/gen_jaxprs.py` (jax {jax.__version__})"
+    assert not stale, (
+        f"stale: {stale}; run `python docs/scripts/gen_jaxprs.py` (jax {jax.__version__})"
+    )

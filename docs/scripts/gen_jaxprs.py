@@ -11,7 +11,6 @@ import json
 import pathlib
 
 import jax
-import jax.extend.core  # noqa: F401  (tietransform._compat uses it without importing it; see the docs report)
 import jax.numpy as jnp
 
 import tietransform as tt
@@ -29,7 +28,11 @@ def _header() -> str:
 
 def recorded_version() -> str | None:
     """The JAX version that wrote the committed version-dependent files."""
-    first = (GENERATED / VERSIONED[0]).read_text().split("\n", 1)[0] if (GENERATED / VERSIONED[0]).exists() else ""
+    first = (
+        (GENERATED / VERSIONED[0]).read_text().split("\n", 1)[0]
+        if (GENERATED / VERSIONED[0]).exists()
+        else ""
+    )
     return first.split()[2].rstrip(";") if first.startswith("# jax ") else None
 
 
@@ -104,7 +107,8 @@ def _stack_memory() -> str:
         ("gradient", temp(jax.grad(materialised)), temp(jax.grad(tied))),
     ]
     lines = [
-        f"| L={length}, d={d}, f32 (one slice: {_mib(d * d * 4)} MiB) | unpack, then scan (MiB) | `tie` (MiB) |",
+        f"| L={length}, d={d}, f32 (one slice: {_mib(d * d * 4)} MiB) "
+        "| unpack, then scan (MiB) | `tie` (MiB) |",
         "|---|---|---|",
         *[f"| {name} | {_mib(a)} | {_mib(b)} |" for name, a, b in rows],
     ]
@@ -118,11 +122,15 @@ def _stack_memory() -> str:
 def _tie_overhead() -> str:
     data = json.loads((RESULTS / "tie_overhead.json").read_text())
     a = data["args"]
-    names = {"tied": "`tie` (an MLP per block, tied)", "hand": "hand-written (one MLP passed in)",
-             "untied": "untied (an MLP per block)"}
+    names = {
+        "tied": "`tie` (an MLP per block, tied)",
+        "hand": "hand-written (one MLP passed in)",
+        "untied": "untied (an MLP per block)",
+    }
     lines = [
         f"Device `{data['device']}`, jax {data['jax']}; {a['blocks']} blocks, width {a['width']}, "
-        f"sequence {a['seq']}, batch {a['batch']}; median of {a['repeats']} jitted loss+grad steps.",
+        f"sequence {a['seq']}, batch {a['batch']}; "
+        f"median of {a['repeats']} jitted loss+grad steps.",
         "",
         "| variant | HLO parameters | step (ms) | time / hand-written |",
         "|---|---|---|---|",
