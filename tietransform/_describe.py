@@ -38,8 +38,9 @@ def describe(params: Any, spec: TieSpec) -> str:
 
     ```
     group  kind  members  leaves/member  canonical      saved
-    ffn    tie   12       4              blocks[0].mlp  22.0 MiB
-    parameters: 2.1 MiB packed, 24.1 MiB unpacked (saved 91.3%)
+    ffn    tie   4        4              blocks[0].mlp  6.5 KiB
+      ffn: blocks[0].mlp, blocks[1].mlp, blocks[2].mlp, blocks[3].mlp
+    parameters: 3.3 KiB packed, 9.8 KiB unpacked (saved 6.5 KiB, 66.3%)
     ```
     """
     keypaths, leaves, _ = flatten(params)

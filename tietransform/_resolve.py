@@ -6,6 +6,7 @@ the same treedef (placeholders count as leaves), so they share one plan.
 """
 
 import dataclasses
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -120,11 +121,14 @@ class _Resolver:
         found = [k for k in self.nodes if matches(parsed, segments(k))]
         if not found:
             candidates = [format_path(k) for k in self.nodes]
+            if "*" in pattern:  # suggest patterns for patterns: blocks[3].mlp -> blocks[*].mlp
+                candidates = [re.sub(r"\[\d+\]", "[*]", c) for c in candidates]
             hint = nearest(pattern.lstrip("."), candidates)
+            example = format_path(self.keypaths[0]) if self.keypaths else "blocks[0].mlp.weight"
             raise ValueError(
                 f"Pattern {pattern!r} of tie group {name!r} matches nothing in the model."
                 + (f" Nearest paths: {', '.join(hint)}." if hint else "")
-                + " Paths look like 'blocks[0].mlp.weight'; `*` matches one segment, `**` many."
+                + f" Paths look like {example!r}; `*` matches one segment, `**` many."
             )
         return found
 

@@ -77,7 +77,7 @@ def tie(
             return jnp.mean((model(x) - y) ** 2)
 
         packed = tt.pack(model, spec)
-        value, grads = jax.value_and_grad(loss)(packed, x, y)
+        value, grads = eqx.filter_value_and_grad(loss)(packed, x, y)
         ```
     """
     if isinstance(fn, TieSpec) and spec is None:
