@@ -1,0 +1,68 @@
+"""The Universal Transformer example: it trains, its tie is exact, and it keeps one FFN."""
+
+import importlib.util
+import pathlib
+
+import equinox as eqx
+import jax
+import numpy as np
+import optax
+import pytest
+
+import tietransform as tt
+from tietransform.testing import check_tied
+
+
+_PATH = pathlib.Path(__file__).parents[1] / "examples" / "universal_transformer.py"
+_spec = importlib.util.spec_from_file_location("universal_transformer", _PATH)
+assert _spec is not None and _spec.loader is not None
+ut = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ut)
+
+N, WIDTH, DIGITS = 2, 16, 3
+
+
+def _nbytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = ut._build_jitted(N, WIDTH, DIGITS, jax.random.key(0))
+    tokens, targets = ut.addition_batch(jax.random.key(1), 4, DIGITS)
+    return model, tokens, targets
+
+
+def test_addition_targets_are_the_digits_of_the_sum():
+    tokens, targets = ut.addition_batch(jax.random.key(0), 16, 4)
+    tokens, targets = np.asarray(tokens), np.asarray(targets)
+    powers = 10 ** np.arange(tokens.shape[1])
+    a, b = (tokens // 10 * powers).sum(axis=1), (tokens % 10 * powers).sum(axis=1)
+    np.testing.assert_array_equal((targets * powers).sum(axis=1), a + b)
+
+
+def test_example_trains_and_its_loss_decreases():
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes weak and strong types
+        metrics = ut.train(n=2, width=16, digits=3, steps=40, batch=32, lr=1e-2, log_every=10)
+    assert metrics.losses[-1] < 0.8 * metrics.losses[0]
+    assert 0.0 <= metrics.heldout_accuracy <= 1.0
+
+
+def test_tied_gradient_of_the_stacked_mlp_is_the_sum_of_per_repetition_gradients(tiny):
+    model, tokens, targets = tiny
+    check_tied(lambda m, x, y: ut.loss_fn(m, x, y)[0], ut.SPEC, model, tokens, targets)
+
+
+def test_packed_params_and_adam_state_hold_one_mlp(tiny):
+    model, _, _ = tiny
+    packed = tt.pack(model, ut.SPEC)
+    one_mlp = _nbytes(model.blocks.mlp) // N
+    assert _nbytes(packed.blocks.mlp) == one_mlp
+    assert _nbytes(packed) == _nbytes(model) - (N - 1) * one_mlp
+    with jax.numpy_dtype_promotion("standard"):
+        state = optax.adam(1e-3).init(eqx.filter(packed, eqx.is_array))
+    assert _nbytes(state) == 2 * _nbytes(packed) + 4  # mu, nu and the int32 step count
+
+
+def test_the_ffn_backend_is_named():
+    assert "XLA" in ut.describe_ffn_backend()
