@@ -50,6 +50,8 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "tanh": jnp.tanh,
     "user_lambda": lambda z: z * jnp.sin(z),
+    # Nonzero at 0, so a zero-filled padding row or column is not inert unless it is masked.
+    "cos": jnp.cos,
 }
 
 

@@ -16,6 +16,10 @@ def _args(m=8, d=4, h=6, dtype=jnp.float32):
             jnp.ones((h, d), dtype), jnp.ones((d,), dtype))
 
 
+_cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks CPU dispatch")
+
+
+@_cpu_only
 def test_auto_on_cpu_is_the_reference():
     data = Problem(24, 8, 40, "float32", "gelu", False, True, 1)
     params, x = data.params(), data.x()
@@ -31,6 +35,7 @@ def test_xla_remat_matches_the_reference_and_its_gradients():
         assert_close(a, b, 1e-6)
 
 
+@_cpu_only
 def test_pallas_on_cpu_points_to_interpret():
     with pytest.raises(ValueError, match='implementation="pallas" needs a GPU or TPU'):
         kernels.ffn(*_args(), implementation="pallas")
