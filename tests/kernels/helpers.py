@@ -103,10 +103,10 @@ class Problem:
         return fn(x, c["w1"], c["b1"], c["w2"], c["b2"], activation=act, **kwargs)
 
 
-def scan_loss(problem: Problem, n: int, **kwargs) -> Callable:
+def scan_loss(problem: Problem, n: int, *, aux: bool = False, **kwargs) -> Callable:
     """`loss(params, x)`: `n` residual iterations `x <- x + ffn(x)` of one shared FFN in a
     `lax.scan` (weights are loop-invariant consts, cast inside the body), then a fixed
-    random projection of the result."""
+    random projection of the result. With `aux=True` it returns `(loss, result)`."""
     cot = jax.random.normal(jax.random.key(problem.seed + 2), (problem.tokens, problem.d))
 
     def loss(params, x):
@@ -115,6 +115,6 @@ def scan_loss(problem: Problem, n: int, **kwargs) -> Callable:
             return carry + y.astype(jnp.float32), None
 
         out, _ = lax.scan(body, x, None, length=n)
-        return jnp.sum(out * cot)
+        return (jnp.sum(out * cot), out) if aux else jnp.sum(out * cot)
 
     return loss
