@@ -204,13 +204,17 @@ def _recompute_chunk(phi, xp, gp, ws_c, bs_c, w_out_t_c, bm, bn, interpret):
                          ws_c[0].shape[1], bm, bn, interpret)
 
 
-def _chunked(blocks: Blocks, ws, bs, w_out):
-    """Weights stacked by hidden chunk: `(chunks, d, chunk)`, `(chunks, chunk)`, `(chunks,
-    chunk, d_out)`, for a `lax.scan` that keeps one chunk's activations alive at a time."""
-    c, n = blocks.block_h, blocks.hidden // blocks.block_h
-    ws_c = tuple(w.reshape(w.shape[0], n, c).transpose(1, 0, 2) for w in ws)
-    bs_c = tuple(None if b is None else b.reshape(n, c) for b in bs)
-    return ws_c, bs_c, w_out.reshape(n, c, w_out.shape[1])
+def _chunk(blocks: Blocks, j, ws, bs, w_out):
+    """Hidden chunk `j` of the weights: `(d, chunk)`, `(chunk,)`, `(chunk, d_out)` slices, so a
+    `lax.scan` over chunk indices keeps one chunk's activations (and weights) alive at a time."""
+    c = blocks.block_h
+    ws_c = tuple(lax.dynamic_slice_in_dim(w, j * c, c, axis=1) for w in ws)
+    bs_c = tuple(None if b is None else lax.dynamic_slice_in_dim(b, j * c, c) for b in bs)
+    return ws_c, bs_c, lax.dynamic_slice_in_dim(w_out, j * c, c, axis=0)
+
+
+def _chunk_ids(blocks: Blocks) -> jax.Array:
+    return jnp.arange(blocks.hidden // blocks.block_h, dtype=jnp.int32)
 
 
 def forward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, *, interpret: Any = False):
@@ -218,44 +222,47 @@ def forward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, *, interpret
     bm, bn, m = blocks.block_m, _block_n(len(ws)), blocks.tokens
     xp = pad_axis(x, 0, blocks.padded_tokens)
 
-    def chunk_step(out, chunk):
-        ws_c, bs_c, w_out_c = chunk
+    def chunk_step(out, j):
+        ws_c, bs_c, w_out_c = _chunk(blocks, j, ws, bs, w_out)
         h = _hidden_chunk(phi, xp, ws_c, bs_c, bm, bn, interpret)[:m]
         return out + _math.mm(h, w_out_c), None
 
     out0 = jnp.zeros((m, w_out.shape[1]), _F32)
     if b_out is not None:
         out0 = out0 + b_out.astype(_F32)[None, :]
-    out, _ = lax.scan(chunk_step, out0, _chunked(blocks, ws, bs, w_out))
+    out, _ = lax.scan(chunk_step, out0, _chunk_ids(blocks))
     return out.astype(x.dtype)
 
 
 def backward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, g, *,
              interpret: Any = False):
     """Cotangents `(dx, dws, dbs, dw_out, db_out)` of `forward` at `g`, one hidden chunk at a
-    time; in the dtypes of the corresponding inputs."""
-    bm, bn, m = blocks.block_m, _block_n(len(ws)), blocks.tokens
+    time; in the dtypes of the corresponding inputs.
+
+    `dW_i` chunks are written in place into a `(d, hidden)` scan carry (no stacked copy to
+    transpose); `db_i` and `dW_out` chunks stack along the hidden axis as they are.
+    """
+    bm, bn, m, c = blocks.block_m, _block_n(len(ws)), blocks.tokens, blocks.block_h
     xp, gp = pad_axis(x, 0, blocks.padded_tokens), pad_axis(g, 0, blocks.padded_tokens)
 
-    def chunk_step(dx, chunk):
-        ws_c, bs_c, w_out_c = chunk
-        w_out_t_c = w_out_c.T  # (d_out, chunk): a weight-sized copy, so the kernel reads K-major.
+    def chunk_step(carry, j):
+        dx, dws = carry
+        ws_c, bs_c, w_out_c = _chunk(blocks, j, ws, bs, w_out)
+        w_out_t_c = w_out_c.T  # (d_out, chunk): a chunk-sized copy, so the kernel reads K-major.
         h, *dzs = (a[:m] for a in _recompute_chunk(phi, xp, gp, ws_c, bs_c, w_out_t_c, bm, bn,
                                                    interpret))
-        dws_c = tuple(_math.mm_tn(x, dz).astype(w.dtype) for dz, w in zip(dzs, ws, strict=True))
+        dws = tuple(lax.dynamic_update_slice_in_dim(dw, _math.mm_tn(x, dz).astype(dw.dtype),
+                                                    j * c, axis=1)
+                    for dw, dz in zip(dws, dzs, strict=True))
         dbs_c = tuple(None if b is None else jnp.sum(dz, 0, dtype=_F32).astype(b.dtype)
                       for dz, b in zip(dzs, bs, strict=True))
         for dz, w_c in zip(dzs, ws_c, strict=True):
             dx = dx + _math.mm_nt(dz, w_c)
-        return dx, (dws_c, dbs_c, _math.mm_tn(h, g).astype(w_out.dtype))
+        return (dx, dws), (dbs_c, _math.mm_tn(h, g).astype(w_out.dtype))
 
-    dx0 = jnp.zeros(x.shape, _F32)
-    dx, (dws_c, dbs_c, dw_out_c) = lax.scan(chunk_step, dx0, _chunked(blocks, ws, bs, w_out))
-    n_chunks = blocks.hidden // blocks.block_h
-    dws = tuple(dw.transpose(1, 0, 2).reshape(x.shape[1], -1) for dw in dws_c)
+    carry0 = (jnp.zeros(x.shape, _F32), tuple(jnp.zeros_like(w) for w in ws))
+    (dx, dws), (dbs_c, dw_out_c) = lax.scan(chunk_step, carry0, _chunk_ids(blocks))
     dbs = tuple(None if db is None else db.reshape(-1) for db in dbs_c)
-    dw_out = dw_out_c.reshape(n_chunks * blocks.block_h, -1)
+    dw_out = dw_out_c.reshape(blocks.hidden, -1)
     db_out = None if b_out is None else jnp.sum(g, 0, dtype=_F32).astype(b_out.dtype)
     return dx.astype(x.dtype), dws, dbs, dw_out, db_out
-
-
