@@ -63,6 +63,3 @@ def test_packed_params_and_adam_state_hold_one_mlp(tiny):
         state = optax.adam(1e-3).init(eqx.filter(packed, eqx.is_array))
     assert _nbytes(state) == 2 * _nbytes(packed) + 4  # mu, nu and the int32 step count
 
-
-def test_the_ffn_backend_is_named():
-    assert "XLA" in ut.describe_ffn_backend()
