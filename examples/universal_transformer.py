@@ -138,9 +138,17 @@ SPEC = tt.TieSpec(ffn=tt.stack("blocks.mlp"))
 """One FFN for all repetitions: every slice of `blocks.mlp` reads slice 0."""
 
 
-def describe_ffn_backend() -> str:
-    """Which implementation serves the shared FFN (to be switched to the kernel-routing report)."""
-    return "XLA (tied buffer, read once per scan iteration)"
+def describe_ffn_backend(packed: "UniversalTransformer", tokens: Array, targets: Array) -> str:
+    """Which implementation serves the shared FFN: traces the tied loss and reads
+    `tt.ffn_routing_report` (on GPU/TPU `tie` routes the FFN to `kernels.ffn` by default)."""
+    with tt.ffn_routing_report() as routed:
+        eqx.filter_eval_shape(tied_loss, packed, tokens, targets)
+    if routed:
+        return "; ".join(str(site) for site in routed)
+    return (
+        f"XLA on {jax.default_backend()}: one tied buffer read by every scan iteration "
+        "(tt.tie(..., fuse_ffn=True) serves it with kernels.ffn in Pallas interpret mode)"
+    )
 
 
 # -- the task ---------------------------------------------------------------------------------
@@ -255,7 +263,8 @@ def train(
     packed = tt.pack(_build_jitted(n, width, digits, k_model), SPEC)
     if verbose:
         print(tt.describe(packed, SPEC))
-        print(f"FFN served by: {describe_ffn_backend()}")
+        sample_tokens, sample_targets = addition_batch(k_eval, 2, digits)
+        print(f"FFN served by: {describe_ffn_backend(packed, sample_tokens, sample_targets)}")
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps)
     optimizer = optax.adamw(schedule, weight_decay=0.01)
     opt_state = optimizer.init(eqx.filter(packed, eqx.is_array))

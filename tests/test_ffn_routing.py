@@ -159,3 +159,25 @@ def test_plain_matmul_ffns_with_a_user_activation_are_served(getkey):
     ct = jax.random.normal(getkey(), (2, 3, 8))
     pullback = lambda f: jax.grad(lambda p: jnp.sum(f(p, x) * ct))(packed)  # noqa: E731
     _close(pullback(routed), pullback(plain))
+
+
+def test_a_vmapped_ffn_with_reshaped_biases_is_served(getkey):
+    d, hidden = 8, 16
+    spec = tt.TieSpec(mlp=["a", "b"])
+    mlp = {
+        "w1": jax.random.normal(getkey(), (d, hidden)),
+        "b1": jax.random.normal(getkey(), (hidden,)),
+    }
+    mlp |= {"w2": jax.random.normal(getkey(), (hidden, d)), "b2": jax.random.normal(getkey(), (d,))}
+    params = {"a": mlp, "b": jax.tree.map(jnp.zeros_like, mlp)}
+
+    def ffn(p, x):  # per example: (seq, d); vmap reshapes the biases once more
+        return jnp.tanh(x @ p["w1"] + p["b1"][None, :]) @ p["w2"] + p["b2"][None, :]
+
+    def outputs(p, x):
+        return jnp.stack([jax.vmap(lambda e: ffn(p[k], e))(x) for k in ("a", "b")])
+
+    packed, x = tt.pack(params, spec), jax.random.normal(getkey(), (2, 3, d))
+    routed, plain = tt.tie(outputs, spec, fuse_ffn=True), tt.tie(outputs, spec, fuse_ffn=False)
+    assert _kernel_calls(routed, packed, x) == 2
+    _close(routed(packed, x), plain(packed, x))

@@ -190,18 +190,29 @@ class _Matcher:
         width = value.aval.shape[-1]
         if b.aval.shape == (width,) and _rank(value) == 1:
             return b, self.eqns[add].outvars[0], [add]
-        source = self.producer.get(b)
-        if source is None or self.only_use(b) != add:
-            return None
-        bcast = self.eqns[source]
-        if bcast.primitive.name != "broadcast_in_dim" or _compat.is_literal(bcast.invars[0]):
-            return None
-        vector = bcast.invars[0]
-        if vector.aval.shape != (width,) or tuple(bcast.params["broadcast_dimensions"]) != (
-            _rank(value) - 1,
-        ):
-            return None
-        return vector, self.eqns[add].outvars[0], [source, add]
+        # b is the vector reshaped to (1, ..., 1, width) by one or more broadcasts/reshapes
+        # (vmap adds one): walk back through them to the vector.
+        chain: list[int] = []
+        user = add
+        while True:
+            source = self.producer.get(b)
+            if source is None or self.only_use(b) != user:
+                return None
+            step = self.eqns[source]
+            if step.primitive.name not in ("broadcast_in_dim", "reshape"):
+                return None
+            if any(d != 1 for d in b.aval.shape[:-1]) or b.aval.shape[-1:] != (width,):
+                return None
+            if step.primitive.name == "broadcast_in_dim" and (
+                step.params["broadcast_dimensions"][-1:] != (_rank(b) - 1,)
+            ):
+                return None
+            chain.append(source)
+            b, user = step.invars[0], source
+            if _compat.is_literal(b):
+                return None
+            if b.aval.shape == (width,):
+                return b, self.eqns[add].outvars[0], [*chain, add]
 
     def activation(self, start: Any, after: int) -> tuple[list[int], Any, int] | None:
         """The elementwise region from `start` up to the dot that consumes it: (eqns, a, dot)."""
