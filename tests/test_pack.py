@@ -158,3 +158,9 @@ def test_stack_without_slices_ties_every_slice_to_the_first():
     assert packed["w"].data.shape == (1, 2)
     np.testing.assert_array_equal(tt.unpack(packed, spec)["w"], jnp.broadcast_to(w[0], (4, 2)))
     assert "saved 24 B" in tt.describe(packed, spec)
+
+
+def test_stack_without_slices_accepts_a_single_slice():
+    spec = tt.TieSpec(s=tt.stack("w"))
+    packed = tt.pack({"w": jnp.ones((1, 3))}, spec)
+    np.testing.assert_array_equal(tt.unpack(packed, spec)["w"], jnp.ones((1, 3)))

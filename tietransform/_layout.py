@@ -148,12 +148,7 @@ def _stack_layouts(plan: Plan, leaves: Sequence[Any]) -> dict[int, StackLayout]:
 
 
 def _normalise_slices(stack: StackSlot, path: str, length: int) -> tuple[int, ...]:
-    if stack.slices is None:
-        if length < 2:
-            raise ValueError(
-                f"tt.stack group {stack.group!r} ties all slices of {path}, but its leading axis "
-                f"has length {length}; a tie needs at least two."
-            )
+    if stack.slices is None:  # all slices; a length-1 stack is trivially tied (models for any n)
         return tuple(range(length))
     bad = [s for s in stack.slices if not -length <= s < length]
     if bad:
