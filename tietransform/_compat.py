@@ -31,11 +31,6 @@ JIT_PRIMITIVE_NAMES = frozenset({"jit", "pjit", "closed_call", "core_call"})
 CHECKPOINT_PRIMITIVE_NAMES = frozenset({"checkpoint", "remat", "remat2"})
 
 
-def open_jaxpr(closed: Any) -> tuple[Any, Sequence[Any]]:
-    """Splits a closed jaxpr (any version) into the open jaxpr to evaluate and its consts."""
-    return closed.jaxpr, list(closed.consts)
-
-
 def split_jaxpr(jaxpr: Any) -> tuple[Any, list[Any]]:
     """`(open jaxpr, consts)` of a jaxpr found in equation params, closed or open (any version)."""
     if isinstance(jaxpr, jax.extend.core.ClosedJaxpr):

@@ -155,7 +155,7 @@ def _call(
 
     specs = [x.shape_dtype() if isinstance(x, StackedRead) else x for x in param_values]
     closed = jax.make_jaxpr(flat_fn)(specs, arg_values)
-    jaxpr, consts = _compat.open_jaxpr(closed)
+    jaxpr, consts = _compat.split_jaxpr(closed)
     if audit:
         leaf_of_invar = [i for i, keep in enumerate(param_mask) if keep]
         _audit(fn, plan, jaxpr, consts, leaves, leaf_of_invar)
