@@ -40,8 +40,12 @@ def _peak(device) -> float | None:
 
 def _params(d, h, seed=0):
     k = jax.random.split(jax.random.key(seed), 4)
-    return {"w1": jax.random.normal(k[0], (d, h)) / np.sqrt(d), "b1": jnp.zeros((h,)),
-            "w2": jax.random.normal(k[1], (h, d)) / np.sqrt(h), "b2": jnp.zeros((d,))}
+    return {
+        "w1": jax.random.normal(k[0], (d, h)) / np.sqrt(d),
+        "b1": jnp.zeros((h,)),
+        "w2": jax.random.normal(k[1], (h, d)) / np.sqrt(h),
+        "b2": jnp.zeros((d,)),
+    }
 
 
 def _loss(n, dtype, impl):
@@ -49,8 +53,9 @@ def _loss(n, dtype, impl):
         c = {k: v.astype(dtype) for k, v in p.items()}  # cast inside: dW accumulates in f32
 
         def body(carry, _):
-            y = kernels.ffn(carry.astype(dtype), c["w1"], c["b1"], c["w2"], c["b2"],
-                            implementation=impl)
+            y = kernels.ffn(
+                carry.astype(dtype), c["w1"], c["b1"], c["w2"], c["b2"], implementation=impl
+            )
             return carry + y.astype(jnp.float32), None
 
         out, _ = lax.scan(body, x, None, length=n)
@@ -142,23 +147,38 @@ def main(argv=None):
         ns, ms, d, h, dtype = [1, 4, 8], [1024, 4096], 256, 1024, jnp.float32
     ns, ms = args.n or ns, args.tokens or ms
     kernel_impl = "interpret" if on_cpu else "pallas"
-    print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; "
-          f"dtype {jnp.dtype(dtype).name}; d={d} H={h}; kernel = {kernel_impl}", flush=True)
+    print(
+        f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; "
+        f"dtype {jnp.dtype(dtype).name}; d={d} H={h}; kernel = {kernel_impl}",
+        flush=True,
+    )
     rows = []
     for m in ms:
         for n in ns:
             row = run_case(n, m, d, h, dtype, kernel_impl, args.reps)
             rows.append(row)
             mib = {k: row[k]["temp_bytes"] / 2**20 for k in ("xla", "xla_remat", "kernel")}
-            print(f"n={n:2d} M={m:6d}  temp MiB  xla {mib['xla']:9.1f}  remat "
-                  f"{mib['xla_remat']:8.1f}  kernel {mib['kernel']:8.1f}   total s  xla "
-                  f"{row['xla']['total_s']:.3f}  remat {row['xla_remat']['total_s']:.3f}  "
-                  f"kernel {row['kernel']['total_s']:.3f}", flush=True)
+            print(
+                f"n={n:2d} M={m:6d}  temp MiB  xla {mib['xla']:9.1f}  remat "
+                f"{mib['xla_remat']:8.1f}  kernel {mib['kernel']:8.1f}   total s  xla "
+                f"{row['xla']['total_s']:.3f}  remat {row['xla_remat']['total_s']:.3f}  "
+                f"kernel {row['kernel']['total_s']:.3f}",
+                flush=True,
+            )
     name = device.device_kind.replace(" ", "_").lower() if not on_cpu else "cpu"
     out = args.out or pathlib.Path(__file__).parent / "results" / f"ffn_{name}.json"
-    out.write_text(json.dumps({"device": device.device_kind, "platform": device.platform,
-                               "jax": jax.__version__, "kernel": kernel_impl, "rows": rows},
-                              indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "device": device.device_kind,
+                "platform": device.platform,
+                "jax": jax.__version__,
+                "kernel": kernel_impl,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 
