@@ -18,6 +18,12 @@ Checks that all variants agree (loss, and the shared FFN's gradient, summed over
 and Adam-state bytes, compiled temp memory, and whether a rebuilt model retraces. Writes
 `results/seed_comparison.{json,md,png}`.
 
+Trace and compile times are measured in a fresh Python process per (variant, n), after a
+warm-up compile and one untimed trace of the variant (Python-side caches warm). In one
+long-lived process, compiles slow down after large ones (the unrolled variants compile for over
+a minute at n=32): the scanned baseline's compile grew from 1.8 s at n=2 to 2.8 s at n=32 over
+one run, where a fresh process compiles it in 1.8-2.0 s at any n.
+
     python benchmarks/seed_comparison.py [--ns 2,4,8,16,32] [--quick]
 """
 
@@ -28,6 +34,7 @@ import os
 import pathlib
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -278,6 +285,49 @@ def compile_step(
     )
 
 
+def _warm_up_compiler() -> None:
+    """A small scanned loss+grad compile, so that no variant pays the compiler's first use."""
+
+    def loss(stacked: jax.Array) -> jax.Array:
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), jnp.ones(4), stacked)
+        return h.sum()
+
+    jax.jit(jax.grad(loss)).trace(jnp.ones((2, 4, 4))).lower().compile()
+
+
+def cold_compile_times(name: str, n: int, args: argparse.Namespace) -> tuple[float, float]:
+    """`(trace_s, compile_s)` of variant `name` at `n`, measured in a fresh Python process."""
+    command = [
+        sys.executable,
+        __file__,
+        "--compile-child",
+        f"{name}:{n}",
+        f"--width={args.width}",
+        f"--digits={args.digits}",
+        f"--batch={args.batch}",
+        f"--trace-repeats={args.trace_repeats}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"compile child for {name} at n={n} failed:\n{done.stderr[-4000:]}")
+    times = json.loads(done.stdout.strip().splitlines()[-1])
+    return times["trace_s"], times["compile_s"]
+
+
+def _compile_child(target: str, args: argparse.Namespace) -> None:
+    """Child process: prints `{"trace_s": ..., "compile_s": ...}` for `name:n` as its last line."""
+    name, n = target.split(":")
+    weights = make_weights(int(n), args.width, args.digits, jax.random.key(0))
+    batch = ut.addition_batch(jax.random.key(2), args.batch, args.digits)
+    params = BUILDERS[name](weights)
+    _warm_up_compiler()
+    jax.jit(_step_fn(name, eqx.partition(params, eqx.is_array)[1])).trace(
+        eqx.filter(params, eqx.is_array), *batch
+    )  # an untimed first trace: Python-side caches (Equinox, JAX) warm, as in a training loop
+    c = compile_step(name, params, batch, args.trace_repeats)
+    print(json.dumps({"trace_s": c.trace_s, "compile_s": c.compile_s}))
+
+
 def retraces_on_rebuild(
     name: str, weights: Weights, rebuilt: Weights, batch: tuple[jax.Array, jax.Array]
 ) -> int:
@@ -320,7 +370,8 @@ def measure_n(n: int, args: argparse.Namespace, check_retrace: bool) -> dict[str
     out: dict[str, dict[str, Any]] = {}
     compiled = {}
     for name in VARIANTS:
-        c = compile_step(name, params[name], batch, args.trace_repeats)
+        c = compile_step(name, params[name], batch, repeats=1)
+        c.trace_s, c.compile_s = cold_compile_times(name, n, args)
         compiled[name] = c
         state = optax.adam(1e-3).init(eqx.filter(params[name], eqx.is_array))
         out[name] = {
@@ -486,12 +537,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", default=str(RESULTS / "seed_comparison"), help="output path stem")
     parser.add_argument("--from-json", action="store_true", help="rewrite .md and .png from .json")
+    parser.add_argument("--compile-child", help=argparse.SUPPRESS)
+    parser.add_argument("--trace-repeats", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.from_json:
         write_reports(json.loads(pathlib.Path(args.out).with_suffix(".json").read_text()), args.out)
         return
+    if args.compile_child:
+        _compile_child(args.compile_child, args)
+        return
     reps = (3, 1, 3, 5) if args.quick else (30, 3, 10, 50)
-    args.build_repeats, args.trace_repeats, args.eager_repeats, args.step_repeats = reps
+    args.build_repeats, trace_repeats, args.eager_repeats, args.step_repeats = reps
+    args.trace_repeats = args.trace_repeats or trace_repeats
     ns = [int(n) for n in args.ns.split(",")]
     device = jax.devices()[0].device_kind
     print(
@@ -533,7 +590,8 @@ def _md_header(results: dict[str, Any]) -> str:
         f"# Shared FFN five ways\n\n{results['device']}, jax {results['jax']}, Python "
         f"{results['python']}, f32; width {a['width']}, hidden {4 * a['width']}, batch "
         f"{a['batch']}x{a['digits'] + 1}. Times are medians; ratios are to `{BASELINE}`. "
-        "`retraces`: extra traces when the model is rebuilt from new weights ('-': not measured).\n"
+        "`retraces`: extra traces when the model is rebuilt from new weights ('-': not measured). "
+        "Trace and compile: each variant in a fresh process, after a warm-up compile and trace.\n"
         + _md_load(results)
     )
 
