@@ -160,6 +160,15 @@ def test_stack_without_slices_ties_every_slice_to_the_first():
     assert "saved 24 B" in tt.describe(packed, spec)
 
 
+def test_describe_counts_the_tied_slices_of_a_stack_and_names_the_kept_one():
+    spec = tt.TieSpec(s=tt.stack("w", [0, 2, -1], canonical=2))
+    text = tt.describe({"w": jnp.ones((4, 2))}, spec)
+    header, row = text.splitlines()[:2]
+    assert header.split() == ["group", "kind", "members", "leaves/member", "canonical", "saved"]
+    assert row.split() == ["s", "stack", "3", "slices", "1", "w[2]", "16", "B"]
+    assert "s: slices [0, 2, 3] of w" in text
+
+
 def test_stack_without_slices_accepts_a_single_slice():
     spec = tt.TieSpec(s=tt.stack("w"))
     packed = tt.pack({"w": jnp.ones((1, 3))}, spec)

@@ -34,7 +34,8 @@ def describe(params: Any, spec: TieSpec) -> str:
 
     **Returns:**
 
-    A multi-line string, e.g.
+    A multi-line string. For a `tt.stack` group, `members` counts the tied slices and
+    `canonical` names the slice whose value is kept. E.g.
 
     ```
     group  kind  members  leaves/member  canonical      saved
@@ -77,16 +78,25 @@ def describe(params: Any, spec: TieSpec) -> str:
         elif is_array(leaf):
             packed_bytes += _nbytes(*leaf_type(leaf)[:2])
     total_saved = sum(saved.values())
+    stacked = {
+        g.name: _stack_slices(plan, leaves, g.name) for g in plan.groups if g.kind == "stack"
+    }
     rows = [("group", "kind", "members", "leaves/member", "canonical", "saved")]
     for g in plan.groups:
-        per_member = tied_leaves[g.name] if g.kind != "stack" else len(g.members[0].leaves)
+        if g.name in stacked:
+            tied, canonical = stacked[g.name]
+            members = f"{len(tied)} slices"
+            per_member = str(len(g.members[0].leaves))
+            kept = f"{g.canonical.path}[{canonical}]"
+        else:
+            members, per_member, kept = str(len(g.members)), str(tied_leaves[g.name]), None
         rows.append(
             (
                 g.name,
                 g.kind,
-                str(len(g.members)),
-                str(per_member),
-                g.canonical.path,
+                members,
+                per_member,
+                kept or g.canonical.path,
                 _human(saved[g.name]),
             )
         )
@@ -98,7 +108,11 @@ def describe(params: Any, spec: TieSpec) -> str:
         shown = [m.path for m in g.members]
         if len(shown) > 4:
             shown = [*shown[:2], f"... ({len(shown) - 3} more)", shown[-1]]
-        lines.append(f"  {g.name}: {', '.join(shown)}")
+        if g.name in stacked:
+            tied, _ = stacked[g.name]
+            lines.append(f"  {g.name}: slices {_index_list(tied)} of {', '.join(shown)}")
+        else:
+            lines.append(f"  {g.name}: {', '.join(shown)}")
     unpacked = packed_bytes + total_saved
     fraction = total_saved / unpacked if unpacked else 0.0
     lines.append(
@@ -106,3 +120,26 @@ def describe(params: Any, spec: TieSpec) -> str:
         f"(saved {_human(total_saved)}, {100 * fraction:.1f}%)"
     )
     return "\n".join(lines)
+
+
+def _stack_slices(plan: Any, leaves: Any, group: str) -> tuple[list[int], int]:
+    """The slice indices (non-negative) a stack group ties, and the one whose value is kept."""
+    for s in plan.stacks:
+        if s.group != group:
+            continue
+        leaf = leaves[s.leaf]
+        assert isinstance(leaf, StackedLeaf)
+        length = len(leaf.rows)
+        tied = (
+            sorted({i % length for i in s.slices}) if s.slices is not None else list(range(length))
+        )
+        canonical = tied[0] if s.canonical is None else s.canonical % length
+        return tied, canonical
+    raise AssertionError(f"stack group {group!r} has no stacked leaf")
+
+
+def _index_list(indices: list[int]) -> str:
+    """`0-3` for a run of consecutive indices, else `[0, 2, 5]`."""
+    if len(indices) > 2 and indices == list(range(indices[0], indices[-1] + 1)):
+        return f"{indices[0]}-{indices[-1]}"
+    return str(indices)
