@@ -62,4 +62,3 @@ def test_packed_params_and_adam_state_hold_one_mlp(tiny):
     with jax.numpy_dtype_promotion("standard"):
         state = optax.adam(1e-3).init(eqx.filter(packed, eqx.is_array))
     assert _nbytes(state) == 2 * _nbytes(packed) + 4  # mu, nu and the int32 step count
-

@@ -79,8 +79,10 @@ def _dispatch(fn_name, phi, x, ws, bs, w_out, b_out, implementation, backend, bl
         try:
             plan = _plan(phi, x2, ws, w_out, implementation, backend, block_m, block_h)
         except NotImplementedError as e:
-            _warn_once(f"{fn_name}: the Pallas kernel cannot serve this call ({e}); "
-                       "falling back to the XLA reference.")
+            _warn_once(
+                f"{fn_name}: the Pallas kernel cannot serve this call ({e}); "
+                "falling back to the XLA reference."
+            )
         else:
             out = fused_ffn(plan, x2, ws, bs, w_out, b_out)
     if out is None:
@@ -129,8 +131,19 @@ def ffn(
     A shape or dtype a kernel cannot serve falls back to `"xla"` with a one-time warning.
     """
     check_ffn_args("ffn", x, [("w1", w1)], [("b1", b1)], "w2", w2, "b2", b2)
-    return _dispatch("ffn", Hidden(activation), x, (w1,), (b1,), w2, b2, implementation,
-                     backend, block_m, block_h)
+    return _dispatch(
+        "ffn",
+        Hidden(activation),
+        x,
+        (w1,),
+        (b1,),
+        w2,
+        b2,
+        implementation,
+        backend,
+        block_m,
+        block_h,
+    )
 
 
 def gated_ffn(
@@ -153,9 +166,19 @@ def gated_ffn(
     Computes `(activation(x @ wg + bg) * (x @ wu + bu)) @ w2 + b2`; `wg`, `wu` are `(d, hidden)`,
     the biases optional. Every other argument and the numerics are as in [`kernels.ffn`][].
     """
-    check_ffn_args("gated_ffn", x, [("wg", wg), ("wu", wu)], [("bg", bg), ("bu", bu)], "w2", w2,
-                   "b2", b2)
-    return _dispatch("gated_ffn", Gated(activation), x, (wg, wu), (bg, bu), w2, b2,
-                     implementation, backend, block_m, block_h)
-
-
+    check_ffn_args(
+        "gated_ffn", x, [("wg", wg), ("wu", wu)], [("bg", bg), ("bu", bu)], "w2", w2, "b2", b2
+    )
+    return _dispatch(
+        "gated_ffn",
+        Gated(activation),
+        x,
+        (wg, wu),
+        (bg, bu),
+        w2,
+        b2,
+        implementation,
+        backend,
+        block_m,
+        block_h,
+    )

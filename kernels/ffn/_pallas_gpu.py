@@ -59,8 +59,9 @@ def _block_n(arity: int) -> int:
     return 128 if arity == 1 else 64
 
 
-def check_supported(x: jax.Array, ws: Sequence[jax.Array], w_out: jax.Array, *,
-                    compiled: bool) -> None:
+def check_supported(
+    x: jax.Array, ws: Sequence[jax.Array], w_out: jax.Array, *, compiled: bool
+) -> None:
     """Raise `NotImplementedError` (with the reason) for calls these kernels cannot serve."""
     dtype = jnp.dtype(x.dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -76,8 +77,9 @@ def check_supported(x: jax.Array, ws: Sequence[jax.Array], w_out: jax.Array, *,
             raise NotImplementedError(f"WGMMA needs an sm_90 (Hopper) GPU, found sm_{cc}")
 
 
-def gpu_blocks(tokens: int, hidden: int, arity: int, block_m: int | None,
-               block_h: int | None) -> Blocks:
+def gpu_blocks(
+    tokens: int, hidden: int, arity: int, block_m: int | None, block_h: int | None
+) -> Blocks:
     """Token blocks of 64 rows; `block_h` is the streamed hidden chunk (a divisor of `hidden`)."""
     bn = _block_n(arity)
     chunk = min(block_h or _DEFAULT_CHUNK, hidden)
@@ -107,8 +109,18 @@ def _tile_gemm(acc_ref, a_gmem, b_gmem, mi, ni, bm: int, bn: int):
     )(a_gmem, b_gmem)
 
 
-def _tiles_kernel(epilogue, operands, n_gemms: int, n_bias: int, n_out: int, rows: int,
-                  cols: int, bm: int, bn: int, interpret: Any):
+def _tiles_kernel(
+    epilogue,
+    operands,
+    n_gemms: int,
+    n_bias: int,
+    n_out: int,
+    rows: int,
+    cols: int,
+    bm: int,
+    bn: int,
+    interpret: Any,
+):
     """One `plgpu.kernel` over `(rows/bm, cols/bn)` tiles.
 
     `operands = (a_1, b_1, ..., a_g, b_g, bias_1, ..., bias_q)`; the tile computes the float32
@@ -119,8 +131,11 @@ def _tiles_kernel(epilogue, operands, n_gemms: int, n_bias: int, n_out: int, row
     tr = _transforms(dtype)
 
     def body(*refs):
-        ins, outs, scratch = refs[: len(operands)], refs[len(operands): len(operands) + n_out], \
-            refs[len(operands) + n_out:]
+        ins, outs, scratch = (
+            refs[: len(operands)],
+            refs[len(operands) : len(operands) + n_out],
+            refs[len(operands) + n_out :],
+        )
         out_smems, bias_smems, barrier = scratch[:n_out], scratch[n_out:-1], scratch[-1]
         mi, ni = lax.axis_index("m"), lax.axis_index("n")
         accs = []
@@ -133,11 +148,11 @@ def _tiles_kernel(epilogue, operands, n_gemms: int, n_bias: int, n_out: int, row
 
             accs.append(pl.run_scoped(scope, plgpu.ACC((bm, bn), _F32)))
         for q in range(n_bias):
-            plgpu.copy_gmem_to_smem(ins[2 * n_gemms + q].at[pl.ds(ni * bn, bn)], bias_smems[q],
-                                    barrier.at[q])
+            plgpu.copy_gmem_to_smem(
+                ins[2 * n_gemms + q].at[pl.ds(ni * bn, bn)], bias_smems[q], barrier.at[q]
+            )
             plgpu.barrier_wait(barrier.at[q])
-            b = _compat.gpu_layout_cast(bias_smems[q][...], plgpu.Layout.WGMMA.reduce(0),
-                                        interpret)
+            b = _compat.gpu_layout_cast(bias_smems[q][...], plgpu.Layout.WGMMA.reduce(0), interpret)
             accs[q] = accs[q] + lax.broadcast_in_dim(b.astype(_F32), (bm, bn), (1,))
         results = epilogue(*accs)
         for value, o_smem, o_gmem in zip(results, out_smems, outs, strict=True):
@@ -180,8 +195,18 @@ def _hidden_chunk(phi, xp, ws_c, bs_c, bm, bn, interpret):
     def epilogue(*zs):
         return (_math.hidden(phi, [zs[j] for j in inverse], None),)
 
-    (h,) = _tiles_kernel(epilogue, (*pairs, *biases), len(ws_c), len(biases), 1, xp.shape[0],
-                         ws_c[0].shape[1], bm, bn, interpret)
+    (h,) = _tiles_kernel(
+        epilogue,
+        (*pairs, *biases),
+        len(ws_c),
+        len(biases),
+        1,
+        xp.shape[0],
+        ws_c[0].shape[1],
+        bm,
+        bn,
+        interpret,
+    )
     return h
 
 
@@ -200,8 +225,18 @@ def _recompute_chunk(phi, xp, gp, ws_c, bs_c, w_out_t_c, bm, bn, interpret):
         h, dzs = _math.hidden_and_dz(phi, zs, dh, None, plain_adds=True)
         return (h, *dzs)
 
-    return _tiles_kernel(epilogue, (*pairs, *biases), k + 1, len(biases), k + 1, xp.shape[0],
-                         ws_c[0].shape[1], bm, bn, interpret)
+    return _tiles_kernel(
+        epilogue,
+        (*pairs, *biases),
+        k + 1,
+        len(biases),
+        k + 1,
+        xp.shape[0],
+        ws_c[0].shape[1],
+        bm,
+        bn,
+        interpret,
+    )
 
 
 def _chunk(blocks: Blocks, j, ws, bs, w_out):
@@ -234,8 +269,7 @@ def forward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, *, interpret
     return out.astype(x.dtype)
 
 
-def backward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, g, *,
-             interpret: Any = False):
+def backward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, g, *, interpret: Any = False):
     """Cotangents `(dx, dws, dbs, dw_out, db_out)` of `forward` at `g`, one hidden chunk at a
     time; in the dtypes of the corresponding inputs.
 
@@ -249,13 +283,17 @@ def backward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, g, *,
         dx, dws = carry
         ws_c, bs_c, w_out_c = _chunk(blocks, j, ws, bs, w_out)
         w_out_t_c = w_out_c.T  # (d_out, chunk): a chunk-sized copy, so the kernel reads K-major.
-        h, *dzs = (a[:m] for a in _recompute_chunk(phi, xp, gp, ws_c, bs_c, w_out_t_c, bm, bn,
-                                                   interpret))
-        dws = tuple(lax.dynamic_update_slice_in_dim(dw, _math.mm_tn(x, dz).astype(dw.dtype),
-                                                    j * c, axis=1)
-                    for dw, dz in zip(dws, dzs, strict=True))
-        dbs_c = tuple(None if b is None else jnp.sum(dz, 0, dtype=_F32).astype(b.dtype)
-                      for dz, b in zip(dzs, bs, strict=True))
+        h, *dzs = (
+            a[:m] for a in _recompute_chunk(phi, xp, gp, ws_c, bs_c, w_out_t_c, bm, bn, interpret)
+        )
+        dws = tuple(
+            lax.dynamic_update_slice_in_dim(dw, _math.mm_tn(x, dz).astype(dw.dtype), j * c, axis=1)
+            for dw, dz in zip(dws, dzs, strict=True)
+        )
+        dbs_c = tuple(
+            None if b is None else jnp.sum(dz, 0, dtype=_F32).astype(b.dtype)
+            for dz, b in zip(dzs, bs, strict=True)
+        )
         for dz, w_c in zip(dzs, ws_c, strict=True):
             dx = dx + _math.mm_nt(dz, w_c)
         return (dx, dws), (dbs_c, _math.mm_tn(h, g).astype(w_out.dtype))

@@ -50,12 +50,14 @@ _F32 = jnp.float32
 IndexMap = Callable[[jax.Array, jax.Array], tuple[Any, Any]]
 
 
-def tpu_blocks(tokens: int, hidden: int, dtype: jnp.dtype, block_m: int | None,
-               block_h: int | None) -> Blocks:
+def tpu_blocks(
+    tokens: int, hidden: int, dtype: jnp.dtype, block_m: int | None, block_h: int | None
+) -> Blocks:
     """Blocks for these kernels: rows a multiple of the sublane tiling, chunks of 128 lanes."""
     m_align = 8 * (4 // jnp.dtype(dtype).itemsize)
-    return Blocks.choose(tokens, hidden, block_m=block_m or 256, block_h=block_h or 512,
-                         m_align=m_align, h_align=128)
+    return Blocks.choose(
+        tokens, hidden, block_m=block_m or 256, block_h=block_h or 512, m_align=m_align, h_align=128
+    )
 
 
 def interpret_params():
@@ -87,8 +89,17 @@ class _Operand:
         return ref[tuple(pl.ds(k * b, b) for k, b in zip(ids, self.block, strict=True))]
 
 
-def _operands(blocks: Blocks, d: int, d_out: int, k: int, n_bias: int, index: IndexMap,
-              interpret: Any, *, with_g: bool) -> list[_Operand]:
+def _operands(
+    blocks: Blocks,
+    d: int,
+    d_out: int,
+    k: int,
+    n_bias: int,
+    index: IndexMap,
+    interpret: Any,
+    *,
+    with_g: bool,
+) -> list[_Operand]:
     """`(x, [g], W_1..W_k, present b_i, W_out)` for a grid whose program ids `index` maps to
     `(token block, hidden chunk)`."""
     bm, bh, whole = blocks.block_m, blocks.block_h, interpret is True
@@ -136,8 +147,14 @@ def _scratch(dtype, shapes: Sequence[tuple[int, ...]]) -> list[Any]:
     return [] if jnp.dtype(dtype) == _F32 else [pltpu.VMEM(s, _F32) for s in shapes]
 
 
-def _accumulate(outs, accs, first, last, init: Callable[[], Sequence[jax.Array]],
-                updates: Callable[[], Sequence[jax.Array]]) -> None:
+def _accumulate(
+    outs,
+    accs,
+    first,
+    last,
+    init: Callable[[], Sequence[jax.Array]],
+    updates: Callable[[], Sequence[jax.Array]],
+) -> None:
     """Accumulate `updates()` into `outs` over a reduction axis of the grid, in float32.
 
     At step `first` the accumulators start from `init()`. `accs` are float32 scratch blocks,
@@ -185,10 +202,10 @@ def forward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, *, interpret
     ops += [_Operand((1, d_out), lambda i, j: (0, 0), False) for _ in b_outp]
 
     def kernel(*refs):
-        ins, (out_ref, *acc_refs) = refs[: len(ops)], refs[len(ops):]
+        ins, (out_ref, *acc_refs) = refs[: len(ops)], refs[len(ops) :]
         x_b, *rest = (op.load(r) for op, r in zip(ops, ins, strict=True))
         w_b, b_b = rest[:k], _split_present(rest[k : k + len(bsp)], has_b)
-        w_out_b, b_out_b = rest[k + len(bsp)], rest[k + len(bsp) + 1:]
+        w_out_b, b_out_b = rest[k + len(bsp)], rest[k + len(bsp) + 1 :]
         i, j = pl.program_id(0), pl.program_id(1)
 
         def init():
@@ -232,11 +249,10 @@ def _dx(phi, blocks: Blocks, operands, k, has_b, *, interpret):
     """`dx = sum_i dz_i @ W_i^T`: grid (token blocks i, hidden chunks j), resident across j."""
     xp, gp = operands[0], operands[1]
     d, d_out = xp.shape[1], gp.shape[1]
-    ops = _operands(blocks, d, d_out, k, sum(has_b), lambda i, j: (i, j), interpret,
-                    with_g=True)
+    ops = _operands(blocks, d, d_out, k, sum(has_b), lambda i, j: (i, j), interpret, with_g=True)
 
     def kernel(*refs):
-        ins, (dx_ref, *acc_refs) = refs[: len(ops)], refs[len(ops):]
+        ins, (dx_ref, *acc_refs) = refs[: len(ops)], refs[len(ops) :]
         i, j = pl.program_id(0), pl.program_id(1)
 
         def updates():
@@ -247,8 +263,14 @@ def _dx(phi, blocks: Blocks, operands, k, has_b, *, interpret):
                 dx = dx + term
             return [dx]
 
-        _accumulate([dx_ref], acc_refs, j == 0, j == blocks.grid_h - 1,
-                    lambda: [jnp.zeros((), _F32)], updates)
+        _accumulate(
+            [dx_ref],
+            acc_refs,
+            j == 0,
+            j == blocks.grid_h - 1,
+            lambda: [jnp.zeros((), _F32)],
+            updates,
+        )
 
     return _call(
         kernel,
@@ -274,19 +296,28 @@ def _dw(phi, blocks: Blocks, operands, k, has_b, *, interpret):
     n_out = len(shapes)
 
     def kernel(*refs):
-        ins, outs = refs[: len(ops)], refs[len(ops):]
+        ins, outs = refs[: len(ops)], refs[len(ops) :]
         out_refs, acc_refs = outs[:n_out], outs[n_out:]
         j, i = pl.program_id(0), pl.program_id(1)
 
         def updates():
             x_b, g_b, _, h, dzs = _recompute(phi, blocks, ops, ins, k, has_b, i, j)
             dws = [_math.mm_tn(x_b, dz.astype(x_b.dtype)) for dz in dzs]
-            dbs = [jnp.sum(dz, axis=0, keepdims=True)
-                   for dz, present in zip(dzs, has_b, strict=True) if present]
+            dbs = [
+                jnp.sum(dz, axis=0, keepdims=True)
+                for dz, present in zip(dzs, has_b, strict=True)
+                if present
+            ]
             return [*dws, *dbs, _math.mm_tn(h.astype(x_b.dtype), g_b)]
 
-        _accumulate(out_refs, acc_refs, i == 0, i == blocks.grid_m - 1,
-                    lambda: [jnp.zeros((), _F32)] * n_out, updates)
+        _accumulate(
+            out_refs,
+            acc_refs,
+            i == 0,
+            i == blocks.grid_m - 1,
+            lambda: [jnp.zeros((), _F32)] * n_out,
+            updates,
+        )
 
     full = [*[(d, hp)] * k, *[(1, hp)] * n_bias, (hp, d_out)]
     return _call(

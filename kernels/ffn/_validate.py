@@ -109,5 +109,8 @@ def check_ffn_args(
             f"Pass a vector of length {d_out}, or None for no bias.",
         )
     if any(s == 0 for _, a in present for s in a.shape):  # type: ignore[attr-defined]
-        raise _fail(f"{fn_name}: zero-sized dimensions are not supported.", named,
-                    "Skip the call for empty inputs.")
+        raise _fail(
+            f"{fn_name}: zero-sized dimensions are not supported.",
+            named,
+            "Skip the call for empty inputs.",
+        )

@@ -31,12 +31,14 @@ class KernelPlan:
     interpret: Any = False
 
     def run_forward(self, x, ws, bs, w_out, b_out):
-        return self.forward(self.phi, self.blocks, x, ws, bs, w_out, b_out,
-                            interpret=self.interpret)
+        return self.forward(
+            self.phi, self.blocks, x, ws, bs, w_out, b_out, interpret=self.interpret
+        )
 
     def run_backward(self, x, ws, bs, w_out, b_out, g):
-        return self.backward(self.phi, self.blocks, x, ws, bs, w_out, b_out, g,
-                             interpret=self.interpret)
+        return self.backward(
+            self.phi, self.blocks, x, ws, bs, w_out, b_out, g, interpret=self.interpret
+        )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -97,8 +97,17 @@ class Problem:
         reference = kwargs.pop("reference", False)
         if self.gated:
             fn = kernels.gated_ffn_reference if reference else kernels.gated_ffn
-            return fn(x, c["w1"], c["wu"], c["w2"], bg=c["b1"], bu=c["bu"], b2=c["b2"],
-                      activation=act, **kwargs)
+            return fn(
+                x,
+                c["w1"],
+                c["wu"],
+                c["w2"],
+                bg=c["b1"],
+                bu=c["bu"],
+                b2=c["b2"],
+                activation=act,
+                **kwargs,
+            )
         fn = kernels.ffn_reference if reference else kernels.ffn
         return fn(x, c["w1"], c["b1"], c["w2"], c["b2"], activation=act, **kwargs)
 

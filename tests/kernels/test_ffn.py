@@ -31,8 +31,10 @@ class TestFFNKernel:
 
     def setup_method(self):
         if not self.INTERPRET and jax.default_backend() not in ("gpu", "tpu"):
-            pytest.skip("compiled Pallas kernels need a GPU or TPU; TestFFNKernelInterpret runs "
-                        "the same checks on CPU in interpret mode")
+            pytest.skip(
+                "compiled Pallas kernels need a GPU or TPU; TestFFNKernelInterpret runs "
+                "the same checks on CPU in interpret mode"
+            )
 
     @pytest.fixture(autouse=True)
     def _fallback_allowed_when_compiled(self):
@@ -61,8 +63,9 @@ class TestFFNKernel:
         # Fewer examples than the profile's: the gradient test below checks forward values too.
         assume(data.dtype in self.dtypes())
         params, x = data.params(), data.x()
-        out = jax.jit(lambda p, x: data.apply(p, x, **self.kw(block_m=block_m,
-                                                                 block_h=128)))(params, x)
+        out = jax.jit(lambda p, x: data.apply(p, x, **self.kw(block_m=block_m, block_h=128)))(
+            params, x
+        )
         ref = jax.jit(lambda p, x: data.apply(p, x, reference=True))(params, x)
         assert out.dtype == ref.dtype == jnp.dtype(data.dtype)
         assert_close(out, ref, tolerance(data.dtype, grad=False, compiled=not self.INTERPRET))
@@ -78,8 +81,9 @@ class TestFFNKernel:
         grads, out = step(loss)(params, x)
         ref_grads, ref_out = step(ref_loss)(params, x)
         # The scan's result: x plus the n FFN outputs, each rounded to the dtype.
-        assert_close(out, ref_out, tolerance(data.dtype, grad=False, compiled=not self.INTERPRET),
-                     "forward")
+        assert_close(
+            out, ref_out, tolerance(data.dtype, grad=False, compiled=not self.INTERPRET), "forward"
+        )
         tol = tolerance(data.dtype, grad=True, compiled=not self.INTERPRET)
         names = ["x"] + [k for k, v in sorted(params.items()) if v is not None]
         flat = jax.tree.leaves(grads[1]) + jax.tree.leaves(grads[0])
@@ -99,7 +103,8 @@ class TestFFNKernel:
         np.testing.assert_array_equal(np.isinf(out), np.isinf(ref))
         assert np.isnan(out[5]).all()
         grads = jax.jit(jax.grad(lambda p: jnp.sum(data.apply(p, x, **self.kw(block_m=16)))))(
-            params)
+            params
+        )
         ref_grads = jax.jit(jax.grad(lambda p: jnp.sum(data.apply(p, x, reference=True))))(params)
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
             np.testing.assert_array_equal(np.isfinite(g), np.isfinite(r))
@@ -117,8 +122,10 @@ class TestFFNKernel:
         # Ragged tokens and hidden. A plain FFN with weights shared by the batch; a gated one
         # without biases whose weights are batched with the inputs.
         xs = jax.random.normal(jax.random.key(2), (3, 40, 16))
-        cases = [(Problem(40, 16, 200, "float32", "gelu", False, True, 6), None),
-                 (Problem(40, 16, 200, "float32", "silu", True, False, 5), 0)]
+        cases = [
+            (Problem(40, 16, 200, "float32", "gelu", False, True, 6), None),
+            (Problem(40, 16, 200, "float32", "silu", True, False, 5), 0),
+        ]
         for data, p_axis in cases:
             params = data.params()
             if p_axis is not None:
@@ -173,9 +180,13 @@ class TestFFNKernel:
         m, d, h = 2048, 64, 128
         ks = jax.random.split(jax.random.key(8), 4)
         dt, tol = jnp.dtype(jnp.bfloat16), 1e-2
-        args = (jax.random.normal(ks[0], (m, d)).astype(dt),
-                (jax.random.normal(ks[1], (d, h)) / 8).astype(dt), jnp.zeros((h,), dt),
-                (jax.random.normal(ks[2], (h, d)) / 11).astype(dt), jnp.zeros((d,), dt))
+        args = (
+            jax.random.normal(ks[0], (m, d)).astype(dt),
+            (jax.random.normal(ks[1], (d, h)) / 8).astype(dt),
+            jnp.zeros((h,), dt),
+            (jax.random.normal(ks[2], (h, d)) / 11).astype(dt),
+            jnp.zeros((d,), dt),
+        )
         cot = jax.random.normal(ks[3], (m, d)).astype(dt)
 
         def f(*a, **kw):

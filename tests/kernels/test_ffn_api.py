@@ -12,8 +12,13 @@ from tests.kernels.helpers import Problem, assert_close, scan_loss
 
 
 def _args(m=8, d=4, h=6, dtype=jnp.float32):
-    return (jnp.ones((m, d), dtype), jnp.ones((d, h), dtype), jnp.ones((h,), dtype),
-            jnp.ones((h, d), dtype), jnp.ones((d,), dtype))
+    return (
+        jnp.ones((m, d), dtype),
+        jnp.ones((d, h), dtype),
+        jnp.ones((h,), dtype),
+        jnp.ones((h, d), dtype),
+        jnp.ones((d,), dtype),
+    )
 
 
 _cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks CPU dispatch")

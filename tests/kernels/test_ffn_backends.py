@@ -17,8 +17,7 @@ def _check_forward_and_gradients(data: Problem, n: int, **kw) -> None:
     params, x = data.params(), data.x()
     out = jax.jit(lambda p, x: data.apply(p, x, **kw))(params, x)
     ref_out = jax.jit(lambda p, x: data.apply(p, x, reference=True))(params, x)
-    assert_close(out, ref_out, tolerance(data.dtype, grad=False),
-                 "forward")
+    assert_close(out, ref_out, tolerance(data.dtype, grad=False), "forward")
     grads = jax.jit(jax.grad(scan_loss(data, n, **kw), argnums=(0, 1)))(params, x)
     ref = jax.jit(jax.grad(scan_loss(data, n, reference=True), argnums=(0, 1)))(params, x)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
@@ -31,16 +30,16 @@ def test_tpu_kernels_under_the_tpu_interpreter_match_reference(gated, dtype):
     # These are the BlockSpec'd kernels as compiled for TPU (the generic interpreter maps inputs
     # whole); bfloat16 accumulates in float32 VMEM scratch, float32 in the output blocks.
     data = Problem(40, 16, 200, dtype, "gelu", gated, True, 11)
-    _check_forward_and_gradients(data, 2, implementation="interpret", backend="tpu", block_m=16,
-                                 block_h=128)
+    _check_forward_and_gradients(
+        data, 2, implementation="interpret", backend="tpu", block_m=16, block_h=128
+    )
 
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_mosaic_gpu_kernels_under_the_gpu_interpreter_match_reference(gated):
     # 100 tokens: 1.6 blocks of 64 rows; hidden 256 in two chunks of 128.
     data = Problem(100, 64, 256, "bfloat16", "silu" if gated else "gelu", gated, True, 12)
-    _check_forward_and_gradients(data, 2, implementation="interpret", backend="gpu",
-                                 block_h=128)
+    _check_forward_and_gradients(data, 2, implementation="interpret", backend="gpu", block_h=128)
 
 
 def _lower_training_step(family, phi, dtype, tokens, d, hidden, platform):

@@ -39,8 +39,13 @@ def test_low_precision_step_has_no_float32_copies_and_aligned_inputs_no_padded_c
     # `db_out = sum(g)` in float32, a conversion XLA fuses into the reduction).
     m, d, h = 64, 16, 256
     dt = jnp.bfloat16
-    args = (jnp.ones((m, d), dt), jnp.ones((d, h), dt), jnp.ones((h,), dt), jnp.ones((h, d), dt),
-            jnp.ones((d,), dt))
+    args = (
+        jnp.ones((m, d), dt),
+        jnp.ones((d, h), dt),
+        jnp.ones((h,), dt),
+        jnp.ones((h, d), dt),
+        jnp.ones((d,), dt),
+    )
     f = lambda *a: kernels.ffn(*a, implementation="interpret", block_m=16, block_h=128)  # noqa: E731
 
     def step(*a):
@@ -50,9 +55,13 @@ def test_low_precision_step_has_no_float32_copies_and_aligned_inputs_no_padded_c
     values = list(_values_outside_kernels(jax.make_jaxpr(step)(*args)))
     assert any(name == "pallas_call" for name, _, _ in values)
     assert not [name for name, _, _ in values if name == "pad"]
-    big_f32 = [(name, aval) for name, aval, used_by in values
-               if getattr(aval, "dtype", None) == jnp.float32 and aval.size >= m * d
-               and used_by != {"reduce_sum"}]
+    big_f32 = [
+        (name, aval)
+        for name, aval, used_by in values
+        if getattr(aval, "dtype", None) == jnp.float32
+        and aval.size >= m * d
+        and used_by != {"reduce_sum"}
+    ]
     assert not big_f32, big_f32
 
 
@@ -79,8 +88,9 @@ def test_scan_training_step_temp_memory_is_far_below_xla():
     hidden_per_iteration = data.tokens * data.hidden * 4
     xla = _temp_bytes(scan_loss(data, n, implementation="xla"), params, x)
     remat = _temp_bytes(scan_loss(data, n, implementation="xla_remat"), params, x)
-    kernel = _temp_bytes(scan_loss(data, n, implementation="interpret", block_m=64,
-                                   block_h=256), params, x)
+    kernel = _temp_bytes(
+        scan_loss(data, n, implementation="interpret", block_m=64, block_h=256), params, x
+    )
     # XLA stores (at least) one tokens x hidden activation per iteration for the backward ...
     assert xla >= n * hidden_per_iteration, (kernel, xla)
     # ... the kernel none: its temporaries are blocks, gradients and the n scan carries, so it
