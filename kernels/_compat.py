@@ -38,7 +38,8 @@ def tpu_interpret_params() -> Any:
 
 def tpu_compiler_params(dimension_semantics: Sequence[str]) -> Any:
     """Mosaic TPU compiler parameters with the given grid dimension semantics."""
-    return pltpu.CompilerParams(dimension_semantics=tuple(dimension_semantics))
+    semantics: Any = tuple(dimension_semantics)  # Literal names in the stubs; ours are str
+    return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
 def lower_for(fn: Callable[..., Any], platform: str, *args: Any) -> Any:

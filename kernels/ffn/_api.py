@@ -74,7 +74,7 @@ def _dispatch(fn_name, phi, x, ws, bs, w_out, b_out, implementation, backend, bl
         implementation = "xla" if jax.default_backend() == "cpu" else "pallas"
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    out = None
+    out: jax.Array | None = None
     if implementation in ("pallas", "interpret"):
         try:
             plan = _plan(phi, x2, ws, w_out, implementation, backend, block_m, block_h)

@@ -57,7 +57,8 @@ def _fused_fwd(plan: KernelPlan, x, ws, bs, w_out, b_out):
 
 
 def _fused_bwd(plan: KernelPlan, residuals, g):
-    return plan.run_backward(*residuals, g)
+    x, ws, bs, w_out, b_out = residuals
+    return plan.run_backward(x, ws, bs, w_out, b_out, g)
 
 
 fused_ffn.defvjp(_fused_fwd, _fused_bwd)
