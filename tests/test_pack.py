@@ -169,6 +169,14 @@ def test_describe_counts_the_tied_slices_of_a_stack_and_names_the_kept_one():
     assert "s: slices [0, 2, 3] of w" in text
 
 
+def test_describe_lists_each_stack_when_they_tie_different_slice_counts():
+    params = {"a": {"w": jnp.ones((4, 2))}, "b": {"w": jnp.ones((6, 2))}}
+    text = tt.describe(params, tt.TieSpec(s=tt.stack("*.w")))
+    assert text.splitlines()[1].split()[2:4] == ["4-6", "slices"]
+    assert "s: slices a.w[0-3], b.w[0-5]" in text
+    assert "saved 64 B" in text  # (3 + 5) slices of 2 float32
+
+
 def test_stack_without_slices_accepts_a_single_slice():
     spec = tt.TieSpec(s=tt.stack("w"))
     packed = tt.pack({"w": jnp.ones((1, 3))}, spec)

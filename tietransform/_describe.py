@@ -78,28 +78,21 @@ def describe(params: Any, spec: TieSpec) -> str:
         elif is_array(leaf):
             packed_bytes += _nbytes(*leaf_type(leaf)[:2])
     total_saved = sum(saved.values())
-    stacked = {
-        g.name: _stack_slices(plan, leaves, g.name) for g in plan.groups if g.kind == "stack"
-    }
+    stacked = {g.name: _stack_slices(plan, leaves, g) for g in plan.groups if g.kind == "stack"}
     rows = [("group", "kind", "members", "leaves/member", "canonical", "saved")]
     for g in plan.groups:
         if g.name in stacked:
-            tied, canonical = stacked[g.name]
-            members = f"{len(tied)} slices"
+            by_member = stacked[g.name]
+            counts = sorted({len(tied) for tied, _ in by_member})
+            kept = {canonical for _, canonical in by_member}
+            span = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+            members = f"{span} slices"
             per_member = str(len(g.members[0].leaves))
-            kept = f"{g.canonical.path}[{canonical}]"
+            canonical_path = g.canonical.path + (f"[{kept.pop()}]" if len(kept) == 1 else "")
         else:
-            members, per_member, kept = str(len(g.members)), str(tied_leaves[g.name]), None
-        rows.append(
-            (
-                g.name,
-                g.kind,
-                members,
-                per_member,
-                kept or g.canonical.path,
-                _human(saved[g.name]),
-            )
-        )
+            members, per_member = str(len(g.members)), str(tied_leaves[g.name])
+            canonical_path = g.canonical.path
+        rows.append((g.name, g.kind, members, per_member, canonical_path, _human(saved[g.name])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows
@@ -109,8 +102,17 @@ def describe(params: Any, spec: TieSpec) -> str:
         if len(shown) > 4:
             shown = [*shown[:2], f"... ({len(shown) - 3} more)", shown[-1]]
         if g.name in stacked:
-            tied, _ = stacked[g.name]
-            lines.append(f"  {g.name}: slices {_index_list(tied)} of {', '.join(shown)}")
+            tied_lists = [tied for tied, _ in stacked[g.name]]
+            if all(tied == tied_lists[0] for tied in tied_lists):
+                lines.append(
+                    f"  {g.name}: slices {_index_list(tied_lists[0])} of {', '.join(shown)}"
+                )
+            else:
+                per = [
+                    f"{m.path}[{_index_list(t)}]"
+                    for m, t in zip(g.members, tied_lists, strict=True)
+                ]
+                lines.append(f"  {g.name}: slices {', '.join(per)}")
         else:
             lines.append(f"  {g.name}: {', '.join(shown)}")
     unpacked = packed_bytes + total_saved
@@ -122,20 +124,20 @@ def describe(params: Any, spec: TieSpec) -> str:
     return "\n".join(lines)
 
 
-def _stack_slices(plan: Any, leaves: Any, group: str) -> tuple[list[int], int]:
-    """The slice indices (non-negative) a stack group ties, and the one whose value is kept."""
-    for s in plan.stacks:
-        if s.group != group:
-            continue
+def _stack_slices(plan: Any, leaves: Any, group: Any) -> list[tuple[list[int], int]]:
+    """Per member of a stack group: the slice indices it ties (non-negative) and the kept one."""
+    slot_of_leaf = {s.leaf: s for s in plan.stacks if s.group == group.name}
+    out = []
+    for member in group.members:
+        s = next(slot_of_leaf[i] for i in member.leaves if i in slot_of_leaf)
         leaf = leaves[s.leaf]
         assert isinstance(leaf, StackedLeaf)
         length = len(leaf.rows)
         tied = (
             sorted({i % length for i in s.slices}) if s.slices is not None else list(range(length))
         )
-        canonical = tied[0] if s.canonical is None else s.canonical % length
-        return tied, canonical
-    raise AssertionError(f"stack group {group!r} has no stacked leaf")
+        out.append((tied, tied[0] if s.canonical is None else s.canonical % length))
+    return out
 
 
 def _index_list(indices: list[int]) -> str:
