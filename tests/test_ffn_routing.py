@@ -131,6 +131,40 @@ def test_an_ffn_whose_middle_is_not_elementwise_is_left_alone(getkey):
     assert _kernel_calls(tt.tie(loss, spec, fuse_ffn=True), tt.pack(params, spec), x) == 0
 
 
+def test_an_activation_that_closes_over_an_array_is_left_alone(getkey):
+    # A per-unit scale inside a jitted activation is not elementwise in the hidden tile the
+    # kernel applies the activation to; the site must stay with XLA, with the same value.
+    params, xs = _mlp_params(getkey)
+    x = xs[0]  # rank 1, so the scale multiplies the hidden vector with no broadcast in between
+    spec = tt.TieSpec(mlp=["a", "b"])
+    scale = jnp.linspace(0.5, 2.0, params["a"]["w1"].shape[1])
+    activation = jax.jit(lambda h: jnp.tanh(h) * scale)
+
+    def loss(p, x):
+        return sum(jnp.sum(activation(x @ p[k]["w1"]) @ p[k]["w2"]) for k in ("a", "b"))
+
+    packed = tt.pack(params, spec)
+    routed = tt.tie(loss, spec, fuse_ffn=True)
+    assert _kernel_calls(routed, packed, x) == 0
+    np.testing.assert_array_equal(routed(packed, x), tt.tie(loss, spec, fuse_ffn=False)(packed, x))
+
+
+def test_an_ffn_in_a_dtype_the_kernel_does_not_take_is_left_to_xla(getkey):
+    with jax.enable_x64(True):
+        params, x = jax.tree.map(lambda a: a.astype(jnp.float64), _mlp_params(getkey))
+        spec = tt.TieSpec(mlp=["a", "b"])
+
+        def loss(p, x):
+            return sum(jnp.sum(jnp.tanh(x @ p[k]["w1"]) @ p[k]["w2"]) for k in ("a", "b"))
+
+        packed = tt.pack(params, spec)
+        routed = tt.tie(loss, spec, fuse_ffn=True)
+        assert _kernel_calls(routed, packed, x) == 0
+        value = routed(packed, x)
+        assert value.dtype == jnp.float64
+        np.testing.assert_array_equal(value, tt.tie(loss, spec, fuse_ffn=False)(packed, x))
+
+
 def test_an_ffn_whose_hidden_activation_is_read_elsewhere_is_left_alone(getkey):
     params, x = _mlp_params(getkey)
     spec = tt.TieSpec(mlp=["a", "b"])

@@ -113,12 +113,32 @@ def _uses(jaxpr: Any) -> dict[Any, list[int]]:
     return uses
 
 
+def _kernel_dtypes() -> tuple[Any, ...]:
+    from kernels.ffn import SUPPORTED_DTYPES
+
+    return SUPPORTED_DTYPES
+
+
 def _rank(atom: Any) -> int:
     return len(atom.aval.shape)
 
 
 def _is_elementwise_jaxpr(jaxpr: Any) -> bool:
-    return all(_elementwise_kind(eqn) is not None for eqn in jaxpr.eqns)
+    """Every equation is elementwise and reads only the inputs' descendants (or literals).
+
+    A closed-over array (a constvar, e.g. a per-unit scale) is not elementwise in the inputs: the
+    kernel applies the activation to `(block_m, block_h)` tiles, where such an array would not
+    line up with the tile.
+    """
+    derived = set(jaxpr.invars)
+    for eqn in jaxpr.eqns:
+        operands = [v for v in eqn.invars if not _compat.is_literal(v)]
+        if _elementwise_kind(eqn) is None or any(v not in derived for v in operands):
+            return False
+        if any(o.aval.shape != operands[0].aval.shape for o in eqn.outvars if operands):
+            return False
+        derived.update(eqn.outvars)
+    return all(_compat.is_literal(v) or v in derived for v in jaxpr.outvars)
 
 
 def _elementwise_kind(eqn: Any) -> str | None:
@@ -269,8 +289,9 @@ class _Matcher:
             consumed += more
         if out.aval.shape[:-1] != x.aval.shape[:-1] or out.aval.dtype != x.aval.dtype:
             return None
-        if len({x.aval.dtype, w1.aval.dtype, w2.aval.dtype}) != 1:
-            return None
+        dtypes = {v.aval.dtype for v in (x, w1, w2, b1, b2) if v is not None}
+        if len(dtypes) != 1 or x.aval.dtype not in _kernel_dtypes():
+            return None  # the kernel takes one floating dtype it supports; XLA serves the rest
         act_eqns = tuple(self.eqns[i] for i in region)
         names = [_elementwise_kind(e) for e in act_eqns]
         name = next((n for n in names if n not in ("prim", "jit")), None) or "traced elementwise"

@@ -7,3 +7,4 @@ from ._api import (
     gated_ffn as gated_ffn,
 )
 from ._reference import ffn_reference as ffn_reference, gated_ffn_reference as gated_ffn_reference
+from ._validate import SUPPORTED_DTYPES as SUPPORTED_DTYPES
