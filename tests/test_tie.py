@@ -101,6 +101,18 @@ def test_parameters_captured_by_closure_are_refused(tower, x):
         loss(packed, x)
 
 
+def test_an_unrelated_constant_equal_to_a_uniform_parameter_is_not_taken_for_a_closure():
+    params = {"a": jnp.zeros(3), "c": jnp.zeros(3), "w": jnp.eye(3)}
+    spec = tt.TieSpec(g=["a", "c"])
+    offset = jnp.zeros(3)  # equals the zero biases by value, by chance
+
+    def loss(p, x):
+        return jnp.sum(p["w"] @ x + offset) + jnp.sum(p["a"])
+
+    with pytest.warns(tt.UnreadMemberWarning, match="Member c"):
+        tt.tie(loss, spec)(tt.pack(params, spec), jnp.ones(3))
+
+
 def test_a_member_that_is_never_read_warns(tower, x):
     @tt.tie(SPEC)
     def loss(model, x):

@@ -226,7 +226,11 @@ def _audit(
 def _captured_params(
     consts: Sequence[Any], leaves: Sequence[Any], paths: Sequence[str]
 ) -> list[str]:
-    """Paths of packed arrays that also appear, by identity or by value, among the consts."""
+    """Paths of packed arrays that also appear, by identity or by value, among the consts.
+
+    Matching by value skips uniform arrays (all elements equal, e.g. zero biases): an unrelated
+    constant such as `jnp.zeros(d)` equals them by chance, which says nothing about a closure.
+    """
     found = []
     concrete = [
         (i, x)
@@ -240,8 +244,13 @@ def _captured_params(
             if const is leaf or (
                 const.shape == leaf.shape
                 and const.dtype == leaf.dtype
+                and not _is_uniform(np.asarray(leaf))
                 and np.array_equal(np.asarray(const), np.asarray(leaf))
             ):
                 found.append(paths[i])
                 break
     return found
+
+
+def _is_uniform(a: np.ndarray) -> bool:
+    return a.size == 0 or bool(np.all(a == a.flat[0]))
