@@ -181,3 +181,37 @@ def test_stack_without_slices_accepts_a_single_slice():
     spec = tt.TieSpec(s=tt.stack("w"))
     packed = tt.pack({"w": jnp.ones((1, 3))}, spec)
     np.testing.assert_array_equal(tt.unpack(packed, spec)["w"], jnp.ones((1, 3)))
+
+
+@pytest.mark.parametrize(
+    "other",
+    [tt.stack("w", [0, 1]), tt.stack("w"), tt.stack("w", [0, 2], canonical=2)],
+    ids=["other slices", "all slices", "other canonical"],
+)
+def test_unpack_and_tie_refuse_a_stack_packed_with_other_slices(other):
+    w = jnp.arange(4.0)[:, None] * jnp.ones((4, 2))
+    packed = tt.pack({"w": w}, tt.TieSpec(s=tt.stack("w", [0, 2])))
+    spec = tt.TieSpec(s=other)
+    with pytest.raises(
+        ValueError, match="w was packed with other tied slices or another canonical"
+    ):
+        tt.unpack(packed, spec)
+    with pytest.raises(
+        ValueError, match="w was packed with other tied slices or another canonical"
+    ):
+        tt.tie(lambda p: jnp.sum(p["w"]), spec)(packed)
+
+
+def test_unpack_refuses_stacked_data_with_the_wrong_number_of_rows():
+    spec = tt.TieSpec(s=tt.stack("w", [0, 2]))
+    packed = tt.pack({"w": jnp.ones((4, 2))}, spec)
+    packed["w"] = tt.StackedLeaf(packed["w"].data[:2], packed["w"].rows, ("s",), False)
+    with pytest.raises(ValueError, match=r"data is f32\[2,2\], but its 4 slices need 3 stored"):
+        tt.unpack(packed, spec)
+
+
+def test_require_equal_treats_nan_as_equal_to_nan_in_every_float_dtype():
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        x = jnp.array([jnp.nan, 1.0], dtype)
+        packed = tt.pack({"a": x, "b": x}, tt.TieSpec(g=["a", "b"]), require_equal=True)
+        assert isinstance(packed["b"], tt.TiedLeaf)

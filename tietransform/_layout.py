@@ -107,11 +107,8 @@ def _view_type(plan: Plan, slot: TieSlot, source: tuple[Any, ...]) -> tuple[Any,
 
 
 def _stack_layouts(plan: Plan, leaves: Sequence[Any]) -> dict[int, StackLayout]:
-    by_leaf: dict[int, list[StackSlot]] = {}
-    for stack in plan.stacks:
-        by_leaf.setdefault(stack.leaf, []).append(stack)
     layouts = {}
-    for leaf, stacks in by_leaf.items():
+    for leaf, stacks in _stacks_by_leaf(plan).items():
         x = leaves[leaf]
         path = plan.paths[leaf]
         if not is_array(x) or not leaf_type(x)[0]:
@@ -119,32 +116,48 @@ def _stack_layouts(plan: Plan, leaves: Sequence[Any]) -> dict[int, StackLayout]:
                 f"tt.stack group {stacks[0].group!r} selects {path} ({describe_leaf(x)}), which is "
                 "not a stacked array; stacked ties need an array with a leading axis."
             )
-        length = leaf_type(x)[0][0]
-        source = list(range(length))
-        slices: dict[str, tuple[int, ...]] = {}
-        claimed: dict[int, str] = {}
-        for stack in stacks:
-            normal = _normalise_slices(stack, path, length)
-            for i in normal:
-                if i in claimed:
-                    raise ValueError(
-                        f"Tie groups {claimed[i]!r} and {stack.group!r} overlap at {path}[{i}]. "
-                        "A slice can belong to one group only."
-                    )
-                claimed[i] = stack.group
-            canonical = normal[0] if stack.canonical is None else stack.canonical % length
-            if canonical not in normal:
-                raise ValueError(
-                    f"tt.stack group {stack.group!r}: canonical slice {stack.canonical} is not one "
-                    f"of the tied slices {list(normal)} of {path}."
-                )
-            for i in normal:
-                source[i] = canonical
-            slices[stack.group] = normal
-        kept = tuple(sorted(set(source)))
-        rows = tuple(kept.index(s) for s in source)
-        layouts[leaf] = StackLayout(kept, rows, tuple(s.group for s in stacks), slices)
+        layouts[leaf] = _stack_layout(stacks, path, leaf_type(x)[0][0])
     return layouts
+
+
+def _stacks_by_leaf(plan: Plan) -> dict[int, list[StackSlot]]:
+    by_leaf: dict[int, list[StackSlot]] = {}
+    for stack in plan.stacks:
+        by_leaf.setdefault(stack.leaf, []).append(stack)
+    return by_leaf
+
+
+def _stack_layout(stacks: Sequence[StackSlot], path: str, length: int) -> StackLayout:
+    """How the stacked array at `path`, with leading axis `length`, is stored under `stacks`."""
+    source = list(range(length))
+    slices: dict[str, tuple[int, ...]] = {}
+    claimed: dict[int, str] = {}
+    for stack in stacks:
+        normal = _normalise_slices(stack, path, length)
+        for i in normal:
+            if i in claimed:
+                raise ValueError(
+                    f"Tie groups {claimed[i]!r} and {stack.group!r} overlap at {path}[{i}]. "
+                    "A slice can belong to one group only."
+                )
+            claimed[i] = stack.group
+        if stack.canonical is not None and not -length <= stack.canonical < length:
+            raise ValueError(
+                f"tt.stack group {stack.group!r}: canonical slice {stack.canonical} is out of "
+                f"range for {path}, whose leading axis has length {length}."
+            )
+        canonical = normal[0] if stack.canonical is None else stack.canonical % length
+        if canonical not in normal:
+            raise ValueError(
+                f"tt.stack group {stack.group!r}: canonical slice {stack.canonical} is not one "
+                f"of the tied slices {list(normal)} of {path}."
+            )
+        for i in normal:
+            source[i] = canonical
+        slices[stack.group] = normal
+    kept = tuple(sorted(set(source)))
+    rows = tuple(kept.index(s) for s in source)
+    return StackLayout(kept, rows, tuple(s.group for s in stacks), slices)
 
 
 def _normalise_slices(stack: StackSlot, path: str, length: int) -> tuple[int, ...]:
@@ -222,15 +235,10 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
                     )
         expected_placeholders.update(slot.readers)
         slots.append(slot)
-    stacks = sorted({stack.leaf for stack in plan.stacks})
+    by_leaf = _stacks_by_leaf(plan)
+    stacks = sorted(by_leaf)
     for leaf in stacks:
-        value = leaves[leaf]
-        groups = {s.group for s in plan.stacks if s.leaf == leaf}
-        if not isinstance(value, StackedLeaf) or set(value.groups) != groups:
-            raise ValueError(
-                f"The packed params do not match the spec: {plan.paths[leaf]} holds "
-                f"{value!r} where tie groups {sorted(groups)} expect a StackedLeaf. {_REPACK}"
-            )
+        _check_stacked_leaf(plan.paths[leaf], leaves[leaf], by_leaf[leaf])
         expected_placeholders.add(leaf)
     for index, (path, leaf) in enumerate(zip(plan.paths, leaves, strict=True)):
         if is_placeholder(leaf) and index not in expected_placeholders:
@@ -239,6 +247,31 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
                 f"group of this spec covers it. {_REPACK}"
             )
     return PackedLayout(tuple(slots), tuple(stacks))
+
+
+def _check_stacked_leaf(path: str, value: Any, stacks: Sequence[StackSlot]) -> None:
+    """Raises unless `value` is the `StackedLeaf` that packing under `stacks` gives."""
+    groups = {s.group for s in stacks}
+    if not isinstance(value, StackedLeaf) or set(value.groups) != groups:
+        raise ValueError(
+            f"The packed params do not match the spec: {path} holds "
+            f"{value!r} where tie groups {sorted(groups)} expect a StackedLeaf. {_REPACK}"
+        )
+    expected = _stack_layout(stacks, path, len(value.rows))
+    if value.rows != expected.rows:
+        raise ValueError(
+            f"The packed params do not match the spec: {path} was packed with other tied slices "
+            f"or another canonical slice (slice i reads stored row {list(value.rows)}[i]; this "
+            f"spec stores {list(expected.rows)}). {_REPACK}"
+        )
+    shape = leaf_type(value.data)[0] if is_array(value.data) else None
+    if not shape or shape[0] != len(expected.kept):
+        raise ValueError(
+            f"The packed params do not match the spec: {path} holds a StackedLeaf whose data is "
+            f"{describe_leaf(value.data)}, but its {len(value.rows)} slices need "
+            f"{len(expected.kept)} stored rows (a leading axis of {len(expected.kept)}). "
+            f"Change the full model and {_REPACK[0].lower()}{_REPACK[1:]}"
+        )
 
 
 def check_view_output(plan: Plan, slot: TieSlot, reader: int, value: Any, expect: TiedLeaf) -> None:
