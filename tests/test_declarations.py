@@ -170,3 +170,28 @@ def test_spec_needs_groups_and_valid_declarations():
         tt.TieSpec(g=3)
     with pytest.raises(ValueError, match="at least two slices"):
         tt.stack("w", [0])
+
+
+def test_stack_slices_and_canonical_must_be_int_indices():
+    with pytest.raises(TypeError, match=r"`slices` must be ints, got \[True, False\]"):
+        tt.stack("w", [True, False])
+    with pytest.raises(TypeError, match="`canonical` must be an int slice index, got '1'"):
+        tt.stack("w", canonical="1")  # type: ignore[arg-type]
+
+
+def test_stack_canonical_out_of_range_is_refused_not_wrapped():
+    spec = tt.TieSpec(s=tt.stack("w", canonical=7))
+    with pytest.raises(ValueError, match="canonical slice 7 is out of range for w, whose leading"):
+        tt.pack({"w": jnp.ones((4, 2))}, spec)
+
+
+def test_stack_canonical_may_count_from_the_end_like_slices():
+    w = jnp.arange(4.0)[:, None] * jnp.ones((4, 2))
+    packed = tt.pack({"w": w}, tt.TieSpec(s=tt.stack("w", [0, 1, 2, 3], canonical=-1)))
+    np.testing.assert_array_equal(packed["w"].data, w[3:])
+
+
+def test_a_canonical_pattern_matching_several_members_is_refused():
+    params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    with pytest.raises(ValueError, match=r"canonical='\*' matches 2 members of tie group 'g'"):
+        tt.pack(params, tt.TieSpec(g=tt.group("a", "b", canonical="*")))

@@ -213,9 +213,14 @@ class _Resolver:
                 )
             return members[canonical]
         wanted = parse_pattern(canonical)
-        for member in members:
-            if matches(wanted, segments(member.keys)):
-                return member
+        found = [m for m in members if matches(wanted, segments(m.keys))]
+        if len(found) > 1:
+            raise ValueError(
+                f"canonical={canonical!r} matches {len(found)} members of tie group {name!r}: "
+                f"{[m.path for m in found]}. Name exactly one member."
+            )
+        if found:
+            return found[0]
         raise ValueError(
             f"canonical={canonical!r} is not a member of tie group {name!r}; its members are "
             f"{[m.path for m in members]}."

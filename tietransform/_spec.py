@@ -134,16 +134,23 @@ def stack(
         spec = tt.TieSpec(ffn=tt.stack("blocks.mlp"))
         ```
     """
+    if canonical is not None and not _is_index(canonical):
+        raise TypeError(f"tt.stack: `canonical` must be an int slice index, got {canonical!r}.")
     if slices is not None:
         slices = tuple(slices)
+        if not all(_is_index(s) for s in slices):
+            raise TypeError(f"tt.stack: `slices` must be ints, got {list(slices)}.")
         if len(slices) < 2:
             raise ValueError(f"tt.stack needs at least two slices to tie, got {list(slices)}.")
-        if not all(isinstance(s, int) for s in slices):
-            raise TypeError(f"tt.stack: `slices` must be ints, got {list(slices)}.")
-        if canonical is not None and canonical not in slices:
+        non_negative = canonical is not None and canonical >= 0 and min(slices) >= 0
+        if non_negative and canonical not in slices:
             raise ValueError(f"tt.stack: canonical slice {canonical} is not one of {list(slices)}.")
     (sel,) = _as_selectors("tt.stack", selector)[:1]
     return Stack(sel, slices, canonical)
+
+
+def _is_index(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _as_declaration(name: str, value: Any) -> Declaration:
