@@ -104,6 +104,11 @@ def _concrete(x: Any, path: str) -> np.ndarray:
         ) from error
 
 
+def _has_nan(x: np.ndarray) -> bool:
+    """Whether `x`'s dtype has NaN (float, complex, and the ml_dtypes floats such as bfloat16)."""
+    return jnp.issubdtype(x.dtype, jnp.inexact)
+
+
 def _check_equal(plan: Plan, layout: FullLayout, leaves: list[Any]) -> None:
     for slot in layout.slots:
         source = leaves[slot.canonical]
@@ -112,7 +117,7 @@ def _check_equal(plan: Plan, layout: FullLayout, leaves: list[Any]) -> None:
         )
         for reader in slot.readers:
             got = _concrete(leaves[reader], plan.paths[reader])
-            if not np.array_equal(got, expect, equal_nan=expect.dtype.kind in "fc"):
+            if not np.array_equal(got, expect, equal_nan=_has_nan(expect)):
                 diff = np.max(np.abs(got.astype(np.float64) - expect.astype(np.float64)))
                 relation = "" if slot.fn is None else " (through its view)"
                 raise ValueError(
@@ -125,7 +130,7 @@ def _check_equal(plan: Plan, layout: FullLayout, leaves: list[Any]) -> None:
         array = _concrete(leaves[leaf], plan.paths[leaf])
         for i, row in enumerate(stack.rows):
             kept = stack.kept[row]
-            if not np.array_equal(array[i], array[kept], equal_nan=array.dtype.kind in "fc"):
+            if not np.array_equal(array[i], array[kept], equal_nan=_has_nan(array)):
                 raise ValueError(
                     f"Slices of {plan.paths[leaf]} tied by tt.stack hold different values: "
                     f"slice {i} differs from slice {kept}. Drop `require_equal=True` to keep the "
