@@ -226,7 +226,9 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
         if slot.fn is None:
             have = leaf_type(canonical)
             for reader, value in zip(slot.readers, readers, strict=True):
-                if (value.shape, value.dtype, value.weak_type) != have:
+                # Weak type may differ: optimizers (e.g. optax.apply_updates) drop it from the
+                # canonical buffer, as they would from every member of an untied model.
+                if (value.shape, value.dtype) != have[:2]:
                     raise ValueError(
                         f"The packed params do not match the spec: {plan.paths[slot.canonical]} "
                         f"is {format_type(*have)} but was packed as "
