@@ -2,6 +2,7 @@
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -69,3 +70,23 @@ def test_serialised_packed_params_store_one_copy_and_reload(tower, tmp_path, get
     np.testing.assert_array_equal(
         reloaded.blocks[0].mlp.layers[0].weight, packed.blocks[0].mlp.layers[0].weight
     )
+
+
+def test_weakly_typed_tied_scalars_survive_an_optax_step():
+    # optax.apply_updates drops the weak type from the canonical buffer, as it would from every
+    # member of an untied model; the packed params must still unpack and tie.
+    spec = tt.TieSpec(g=["a", "b"])
+    packed = tt.pack({"a": jnp.asarray(1.0), "b": jnp.asarray(1.0)}, spec)
+    loss = tt.tie(lambda m: m["a"] * m["b"], spec)
+    optimizer = optax.sgd(0.1)
+    updates, _ = optimizer.update(jax.grad(loss)(packed), optimizer.init(packed), packed)
+    stepped = optax.apply_updates(packed, updates)
+    assert float(loss(stepped)) == pytest.approx(0.8**2)
+    assert float(tt.unpack(stepped, spec)["b"]) == pytest.approx(0.8)
+
+
+def test_numpy_float64_members_are_the_float32_arrays_jax_makes_of_them():
+    spec = tt.TieSpec(g=["a", "b"])
+    packed = tt.pack({"a": np.ones(2), "b": np.ones(2)}, spec)
+    loss = tt.tie(lambda m: jnp.sum(m["a"] * m["b"]), spec)
+    assert float(jax.jit(loss)(packed)) == float(loss(packed)) == 2.0

@@ -56,7 +56,8 @@ def leaf_type(x: Any) -> tuple[tuple[int, ...], np.dtype, bool]:
     if aval is not None:
         return tuple(aval.shape), np.dtype(aval.dtype), bool(getattr(aval, "weak_type", False))
     array = np.asarray(x)
-    return tuple(array.shape), array.dtype, False
+    # The dtype JAX gives it (float64 NumPy arrays are float32 arrays unless x64 is enabled).
+    return tuple(array.shape), np.dtype(jax.dtypes.canonicalize_dtype(array.dtype)), False
 
 
 def describe_leaf(x: Any) -> str:
