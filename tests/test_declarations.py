@@ -195,3 +195,15 @@ def test_a_canonical_pattern_matching_several_members_is_refused():
     params = {"a": jnp.ones(2), "b": jnp.ones(2)}
     with pytest.raises(ValueError, match=r"canonical='\*' matches 2 members of tie group 'g'"):
         tt.pack(params, tt.TieSpec(g=tt.group("a", "b", canonical="*")))
+
+
+def test_a_pattern_matching_only_a_none_node_says_it_holds_no_leaves():
+    params = {"a": None, "b": jnp.ones(2)}
+    with pytest.raises(ValueError, match="matches only a, which holds no leaves"):
+        tt.pack(params, tt.TieSpec(g=["a", "b"]))
+
+
+def test_where_returning_a_node_and_a_node_inside_it_is_refused_as_an_overlap():
+    params = {"a": {"w": jnp.ones(2)}, "b": {"w": jnp.ones(2)}}
+    with pytest.raises(ValueError, match="returned a.w together with a node that contains it"):
+        tt.pack(params, tt.TieSpec(g=lambda m: [m["a"], m["a"]["w"], m["b"]]))

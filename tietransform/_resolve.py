@@ -120,6 +120,14 @@ class _Resolver:
         parsed = parse_pattern(pattern)
         found = [k for k in self.nodes if matches(parsed, segments(k))]
         if not found:
+            empty = [k for k in self._empty_nodes() if matches(parsed, segments(k))]
+            if empty:
+                raise ValueError(
+                    f"Pattern {pattern!r} of tie group {name!r} matches only "
+                    f"{', '.join(format_path(k) for k in empty[:3])}, which holds no leaves "
+                    "(None or an empty container). Tie groups tie arrays: select nodes that hold "
+                    "them."
+                )
             candidates = [format_path(k) for k in self.nodes]
             if "*" in pattern:  # suggest patterns for patterns: blocks[3].mlp -> blocks[*].mlp
                 candidates = [re.sub(r"\[\d+\]", "[*]", c) for c in candidates]
@@ -154,12 +162,28 @@ class _Resolver:
                 located.setdefault(id(obj), tuple(path))
         for obj in picked:
             if id(obj) not in located:
+                inside = _path_of(tree, obj)
+                if inside is not None:
+                    raise ValueError(
+                        f"The `where` function of tie group {name!r} returned "
+                        f"{format_path(inside) or 'the whole model'} together with a node that "
+                        "contains it. Members of a group must not overlap: return either the "
+                        "subtrees or the leaves inside them."
+                    )
                 raise ValueError(
                     f"The `where` function of tie group {name!r} returned {type(obj).__name__}, "
                     "which is not a node of the model. Return nodes of the model it is given, "
                     "e.g. `lambda m: [b.mlp for b in m.blocks]`."
                 )
         return list(dict.fromkeys(located[id(obj)] for obj in picked))
+
+    def _empty_nodes(self) -> list[KeyPath]:
+        """Paths of the model's `None` nodes and empty containers (they hold no leaves)."""
+        tree = jax.tree_util.tree_unflatten(self.treedef, [0] * len(self.keypaths))
+        with_paths, _ = jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=lambda x: x is None or (isinstance(x, list | tuple | dict) and not x)
+        )
+        return [tuple(path) for path, leaf in with_paths if leaf is None or leaf in ([], (), {})]
 
     def _member(self, name: str, keys: KeyPath) -> Member:
         leaves = tuple(self.nodes.get(keys, ()))
@@ -307,3 +331,9 @@ class _Resolver:
             for leaf in member.leaves
         ]
         return GroupPlan(name, "stack", tuple(members), members[0]), stacks
+
+
+def _path_of(tree: Any, obj: Any) -> KeyPath | None:
+    """The path of `obj` in `tree` (compared by identity), or None if it is not a node of it."""
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is obj)
+    return next((tuple(path) for path, leaf in with_paths if leaf is obj), None)
