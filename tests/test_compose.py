@@ -175,6 +175,15 @@ def test_tie_keeps_explicit_shardings(getkey):
     assert jax.typeof(grads["a"]).sharding.spec == P(None, "model")
 
 
+def test_packing_a_stack_sharded_on_its_stacked_axis_under_an_explicit_mesh_names_it(getkey):
+    mesh = jax.make_mesh((4,), ("layers",), axis_types=(jax.sharding.AxisType.Explicit,))
+    spec = tt.TieSpec(s=tt.stack("w", [0, 2]))
+    with jax.set_mesh(mesh):
+        w = jax.device_put(jax.random.normal(getkey(), (4, 3)), NamedSharding(mesh, P("layers")))
+        with pytest.raises(ValueError, match=r"cannot gather the kept slices \[0, 1, 3\] of w"):
+            tt.pack({"w": w}, spec)
+
+
 def test_donating_the_packed_pytree_frees_its_buffers_and_spares_the_model(tower, x):
     packed = tt.pack(tower, SPEC)
     arrays, static = eqx.partition(packed, eqx.is_array)

@@ -27,6 +27,11 @@ JAX_VERSION: tuple[int, ...] = tuple(
     int(part) for part in jax.__version__.split(".")[:3] if part.isdigit()
 )
 
+# Raised when an op's output sharding is ambiguous under an explicit mesh; private in 0.10-0.12.
+SHARDING_TYPE_ERROR: type[Exception] = getattr(
+    getattr(getattr(jax, "_src", None), "core", None), "ShardingTypeError", TypeError
+)
+
 JIT_PRIMITIVE_NAMES = frozenset({"jit", "pjit", "closed_call", "core_call"})
 CHECKPOINT_PRIMITIVE_NAMES = frozenset({"checkpoint", "remat", "remat2"})
 

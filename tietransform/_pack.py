@@ -7,7 +7,8 @@ import jax.core
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import leaf_type
+from . import _compat
+from ._errors import describe_leaf, leaf_type
 from ._layout import FullLayout, full_layout, full_leaves, packed_layout
 from ._placeholders import StackedLeaf, TiedLeaf
 from ._resolve import Plan, flatten, plan_for
@@ -59,7 +60,16 @@ def pack(
                 slot.group, plan.paths[slot.canonical], *leaf_type(leaves[reader])
             )
     for leaf, stack in layout.stacks.items():
-        data = jnp.take(leaves[leaf], np.asarray(stack.kept, dtype=np.int32), axis=0)
+        try:
+            data = jnp.take(leaves[leaf], np.asarray(stack.kept, dtype=np.int32), axis=0)
+        except _compat.SHARDING_TYPE_ERROR as error:
+            raise ValueError(
+                f"tt.pack cannot gather the kept slices {list(stack.kept)} of {plan.paths[leaf]} "
+                f"({describe_leaf(leaves[leaf])}): it is sharded along its stacked axis under an "
+                "explicit mesh, and the kept slices need not divide over that axis. Pack the "
+                "model before sharding that axis and shard the StackedLeaf's data afterwards, or "
+                f"replicate the stacked axis. ({type(error).__name__}: {error})"
+            ) from error
         out[leaf] = StackedLeaf(data, stack.rows, stack.groups, leaf_type(leaves[leaf])[2])
     return jax.tree_util.tree_unflatten(treedef, out)
 
