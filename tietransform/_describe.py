@@ -5,9 +5,9 @@ from typing import Any
 import numpy as np
 
 from ._errors import is_array, leaf_type
-from ._layout import packed_layout
+from ._layout import PackedLayout, packed_layout
 from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder
-from ._resolve import flatten, plan_for
+from ._resolve import GroupPlan, flatten, plan_for
 from ._spec import TieSpec
 
 
@@ -61,24 +61,16 @@ def describe(params: Any, spec: TieSpec) -> str:
             assert isinstance(r, TiedLeaf)
             saved[slot.group] += _nbytes(r.shape, r.dtype)
     packed_bytes = 0
-    for leaf in leaves:
+    for index, leaf in enumerate(leaves):
         if isinstance(leaf, StackedLeaf):
             shape, dtype, _ = leaf_type(leaf.data)
             packed_bytes += _nbytes(shape, dtype)
-            slice_bytes = _nbytes(shape[1:], dtype)
-            for name in leaf.groups:
-                tied_leaves[name] += 1
-            by_group = {name: 0 for name in leaf.groups}
-            for s in plan.stacks:
-                if leaves[s.leaf] is leaf:
-                    tied = leaf.rows.count(leaf.rows[0]) if s.slices is None else len(s.slices)
-                    by_group[s.group] += tied - 1
-            for name, n in by_group.items():
-                saved[name] += n * slice_bytes
+            for name, tied in layout.stacks[index].slices.items():
+                saved[name] += (len(tied) - 1) * _nbytes(shape[1:], dtype)
         elif is_array(leaf):
             packed_bytes += _nbytes(*leaf_type(leaf)[:2])
     total_saved = sum(saved.values())
-    stacked = {g.name: _stack_slices(plan, leaves, g) for g in plan.groups if g.kind == "stack"}
+    stacked = {g.name: _stack_slices(layout, g) for g in plan.groups if g.kind == "stack"}
     rows = [("group", "kind", "members", "leaves/member", "canonical", "saved")]
     for g in plan.groups:
         if g.name in stacked:
@@ -124,24 +116,18 @@ def describe(params: Any, spec: TieSpec) -> str:
     return "\n".join(lines)
 
 
-def _stack_slices(plan: Any, leaves: Any, group: Any) -> list[tuple[list[int], int]]:
-    """Per member of a stack group: the slice indices it ties (non-negative) and the kept one."""
-    slot_of_leaf = {s.leaf: s for s in plan.stacks if s.group == group.name}
+def _stack_slices(layout: PackedLayout, group: GroupPlan) -> list[tuple[tuple[int, ...], int]]:
+    """Per member of a stack group: the slice indices it ties and the one whose value is kept."""
     out = []
     for member in group.members:
-        s = next(slot_of_leaf[i] for i in member.leaves if i in slot_of_leaf)
-        leaf = leaves[s.leaf]
-        assert isinstance(leaf, StackedLeaf)
-        length = len(leaf.rows)
-        tied = (
-            sorted({i % length for i in s.slices}) if s.slices is not None else list(range(length))
-        )
-        out.append((tied, tied[0] if s.canonical is None else s.canonical % length))
+        stack = next(layout.stacks[i] for i in member.leaves if i in layout.stacks)
+        tied = stack.slices[group.name]
+        out.append((tied, stack.kept[stack.rows[tied[0]]]))
     return out
 
 
-def _index_list(indices: list[int]) -> str:
+def _index_list(indices: tuple[int, ...]) -> str:
     """`0-3` for a run of consecutive indices, else `[0, 2, 5]`."""
-    if len(indices) > 2 and indices == list(range(indices[0], indices[-1] + 1)):
+    if len(indices) > 2 and indices == tuple(range(indices[0], indices[-1] + 1)):
         return f"{indices[0]}-{indices[-1]}"
-    return str(indices)
+    return str(list(indices))

@@ -40,10 +40,11 @@ class FullLayout:
 
 @dataclasses.dataclass(frozen=True)
 class PackedLayout:
-    """How to rebuild a full model from packed leaves."""
+    """How to rebuild a full model from packed leaves; `stacks` maps each stacked leaf's index
+    to its layout."""
 
     slots: tuple[TieSlot, ...]
-    stacks: tuple[int, ...]
+    stacks: dict[int, StackLayout]
 
 
 def _types_listing(plan: Plan, leaves: Sequence[Any], indices: Sequence[int]) -> str:
@@ -237,22 +238,22 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
                     )
         expected_placeholders.update(slot.readers)
         slots.append(slot)
-    by_leaf = _stacks_by_leaf(plan)
-    stacks = sorted(by_leaf)
-    for leaf in stacks:
-        _check_stacked_leaf(plan.paths[leaf], leaves[leaf], by_leaf[leaf])
-        expected_placeholders.add(leaf)
+    stacks = {
+        leaf: _check_stacked_leaf(plan.paths[leaf], leaves[leaf], stack_slots)
+        for leaf, stack_slots in sorted(_stacks_by_leaf(plan).items())
+    }
+    expected_placeholders.update(stacks)
     for index, (path, leaf) in enumerate(zip(plan.paths, leaves, strict=True)):
         if is_placeholder(leaf) and index not in expected_placeholders:
             raise ValueError(
                 f"The packed params do not match the spec: {path} holds {leaf!r}, but no tie "
                 f"group of this spec covers it. {_REPACK}"
             )
-    return PackedLayout(tuple(slots), tuple(stacks))
+    return PackedLayout(tuple(slots), stacks)
 
 
-def _check_stacked_leaf(path: str, value: Any, stacks: Sequence[StackSlot]) -> None:
-    """Raises unless `value` is the `StackedLeaf` that packing under `stacks` gives."""
+def _check_stacked_leaf(path: str, value: Any, stacks: Sequence[StackSlot]) -> StackLayout:
+    """The layout of `value`; raises unless it is the `StackedLeaf` packing under `stacks` gives."""
     groups = {s.group for s in stacks}
     if not isinstance(value, StackedLeaf) or set(value.groups) != groups:
         raise ValueError(
@@ -272,8 +273,9 @@ def _check_stacked_leaf(path: str, value: Any, stacks: Sequence[StackSlot]) -> N
             f"The packed params do not match the spec: {path} holds a StackedLeaf whose data is "
             f"{describe_leaf(value.data)}, but its {len(value.rows)} slices need "
             f"{len(expected.kept)} stored rows (a leading axis of {len(expected.kept)}). "
-            f"Change the full model and {_REPACK[0].lower()}{_REPACK[1:]}"
+            f"{_REPACK}"
         )
+    return expected
 
 
 def check_view_output(plan: Plan, slot: TieSlot, reader: int, value: Any, expect: TiedLeaf) -> None:

@@ -142,8 +142,9 @@ def stack(
             raise TypeError(f"tt.stack: `slices` must be ints, got {list(slices)}.")
         if len(slices) < 2:
             raise ValueError(f"tt.stack needs at least two slices to tie, got {list(slices)}.")
-        non_negative = canonical is not None and canonical >= 0 and min(slices) >= 0
-        if non_negative and canonical not in slices:
+        # With negative indices membership depends on the axis length: checked at pack time.
+        all_non_negative = canonical is not None and canonical >= 0 and min(slices) >= 0
+        if all_non_negative and canonical not in slices:
             raise ValueError(f"tt.stack: canonical slice {canonical} is not one of {list(slices)}.")
     (sel,) = _as_selectors("tt.stack", selector)[:1]
     return Stack(sel, slices, canonical)
