@@ -77,3 +77,8 @@ def hlo_parameter_count(compiled_text: str) -> int:
 
 def float_leaves(tree) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))]
+
+
+def array_bytes(tree) -> int:
+    """Bytes held by the array leaves of `tree`."""
+    return sum(x.nbytes for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))

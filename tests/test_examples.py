@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import tietransform as tt
+from tests.helpers import array_bytes
 from tietransform.testing import check_tied
 
 
@@ -20,10 +21,6 @@ ut = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ut)
 
 N, WIDTH, DIGITS = 2, 16, 3
-
-
-def _nbytes(tree) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +42,6 @@ def test_example_trains_and_its_loss_decreases():
     with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes weak and strong types
         metrics = ut.train(n=2, width=16, digits=3, steps=40, batch=32, lr=1e-2, log_every=10)
     assert metrics.losses[-1] < 0.8 * metrics.losses[0]
-    assert 0.0 <= metrics.heldout_accuracy <= 1.0
 
 
 def test_tied_gradient_of_the_stacked_mlp_is_the_sum_of_per_repetition_gradients(tiny):
@@ -56,9 +52,9 @@ def test_tied_gradient_of_the_stacked_mlp_is_the_sum_of_per_repetition_gradients
 def test_packed_params_and_adam_state_hold_one_mlp(tiny):
     model, _, _ = tiny
     packed = tt.pack(model, ut.SPEC)
-    one_mlp = _nbytes(model.blocks.mlp) // N
-    assert _nbytes(packed.blocks.mlp) == one_mlp
-    assert _nbytes(packed) == _nbytes(model) - (N - 1) * one_mlp
+    one_mlp = array_bytes(model.blocks.mlp) // N
+    assert array_bytes(packed.blocks.mlp) == one_mlp
+    assert array_bytes(packed) == array_bytes(model) - (N - 1) * one_mlp
     with jax.numpy_dtype_promotion("standard"):
         state = optax.adam(1e-3).init(eqx.filter(packed, eqx.is_array))
-    assert _nbytes(state) == 2 * _nbytes(packed) + 4  # mu, nu and the int32 step count
+    assert array_bytes(state) == 2 * array_bytes(packed) + 4  # mu, nu and the int32 step count

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import tietransform as tt
-from tests.helpers import Tower, assert_trees_close, tower_loss
+from tests.helpers import Tower, array_bytes, assert_trees_close, tower_loss
 
 
 SPEC = tt.TieSpec(ffn="blocks[*].mlp")
@@ -19,16 +19,14 @@ def tower(getkey):
     return Tower(4, key=getkey())
 
 
-def _nbytes(tree) -> int:
-    return sum(x.nbytes for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))
-
-
 def test_optax_state_on_packed_params_holds_one_copy_per_buffer(tower):
     packed = tt.pack(tower, SPEC)
     state = optax.adam(1e-3).init(eqx.filter(packed, eqx.is_array))
     untied_state = optax.adam(1e-3).init(eqx.filter(tower, eqx.is_array))
-    one_mlp = _nbytes(tower.blocks[0].mlp)
-    assert _nbytes(untied_state) - _nbytes(state) == 2 * 3 * one_mlp  # mu and nu, 3 MLPs fewer
+    one_mlp = array_bytes(tower.blocks[0].mlp)
+    assert (
+        array_bytes(untied_state) - array_bytes(state) == 2 * 3 * one_mlp
+    )  # mu and nu, 3 MLPs fewer
 
 
 def test_an_optax_step_on_packed_params_trains_the_tied_model(tower, getkey):
@@ -60,7 +58,7 @@ def test_serialised_packed_params_store_one_copy_and_reload(tower, tmp_path, get
     tied_file, untied_file = tmp_path / "tied.eqx", tmp_path / "untied.eqx"
     eqx.tree_serialise_leaves(tied_file, packed)
     eqx.tree_serialise_leaves(untied_file, tower)
-    one_mlp = _nbytes(tower.blocks[0].mlp)
+    one_mlp = array_bytes(tower.blocks[0].mlp)
     assert untied_file.stat().st_size - tied_file.stat().st_size >= 3 * one_mlp
     skeleton = tt.pack(Tower(4, key=getkey()), SPEC)
     reloaded = eqx.tree_deserialise_leaves(tied_file, skeleton)
