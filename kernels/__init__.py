@@ -1,6 +1,7 @@
 """Pallas kernels for tietransform. See [`kernels.ffn`][] for the fused shared-FFN kernel."""
 
 from .ffn import (
+    SUPPORTED_DTYPES as SUPPORTED_DTYPES,
     ffn as ffn,
     ffn_reference as ffn_reference,
     gated_ffn as gated_ffn,

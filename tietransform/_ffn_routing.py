@@ -114,7 +114,7 @@ def _uses(jaxpr: Any) -> dict[Any, list[int]]:
 
 
 def _kernel_dtypes() -> tuple[Any, ...]:
-    from kernels.ffn import SUPPORTED_DTYPES
+    from kernels import SUPPORTED_DTYPES
 
     return SUPPORTED_DTYPES
 
