@@ -6,6 +6,8 @@ from ._errors import (
     UnreadMemberWarning as UnreadMemberWarning,
 )
 from ._ffn_routing import RoutedFFN as RoutedFFN, ffn_routing_report as ffn_routing_report
+from ._grads import unpack_grads as unpack_grads
+from ._labels import pack_labels as pack_labels
 from ._pack import pack as pack, unpack as unpack
 from ._placeholders import StackedLeaf as StackedLeaf, TiedLeaf as TiedLeaf
 from ._spec import (
