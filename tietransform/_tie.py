@@ -1,21 +1,19 @@
 """`tie`: the public transformation. Trace, rewrite the parameter reads, evaluate."""
 
 import functools
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, overload
 
 import jax
-import jax.core
-import numpy as np
 
 from . import _compat
-from ._errors import UnreadMemberWarning, is_array
+from ._audit import audit_reads
+from ._errors import is_array
 from ._ffn_routing import Routing
 from ._layout import full_leaves, packed_layout
 from ._placeholders import StackedLeaf, is_placeholder
-from ._resolve import Plan, flatten, plan_for
-from ._rewrite import StackedRead, evaluate, live_inputs
+from ._resolve import flatten, plan_for
+from ._rewrite import StackedRead, evaluate
 from ._spec import TieSpec
 
 
@@ -158,7 +156,7 @@ def _call(
     jaxpr, consts = _compat.split_jaxpr(closed)
     if audit:
         leaf_of_invar = [i for i, keep in enumerate(param_mask) if keep]
-        _audit(fn, plan, jaxpr, consts, leaves, leaf_of_invar)
+        audit_reads(_name(fn), plan, jaxpr, consts, leaves, leaf_of_invar)
     tied_leaves = {i for slot in layout.slots for i in (slot.canonical, *slot.readers)}
     tied_leaves.update(layout.stacks)
     tied = [i in tied_leaves for i, keep in enumerate(param_mask) if keep] + [False] * len(
@@ -181,76 +179,3 @@ def _merge(template: Sequence[Any], mask: Sequence[bool], values: Sequence[Any])
 
 def _name(fn: Callable) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
-
-
-def _audit(
-    fn: Callable,
-    plan: Plan,
-    jaxpr: Any,
-    consts: Sequence[Any],
-    leaves: Sequence[Any],
-    leaf_of_invar: Sequence[int],
-) -> None:
-    """Raises on parameters captured by closure; warns on declared members that are never read."""
-    read = live_inputs(jaxpr)
-    read_leaves = {leaf for leaf, r in zip(leaf_of_invar, read, strict=False) if r}
-    param_leaves = set(leaf_of_invar)
-    unread = [
-        (group.name, member.path)
-        for group in plan.groups
-        for member in group.members
-        if (arrays := [i for i in member.leaves if i in param_leaves])
-        and not any(i in read_leaves for i in arrays)
-    ]
-    if not unread:
-        return
-    captured = _captured_params(consts, leaves, plan.paths)
-    if captured:
-        raise ValueError(
-            f"`{_name(fn)}` reads parameters captured by closure instead of its `params` argument: "
-            f"it never reads {', '.join(path for _, path in unread[:3])}"
-            f"{' ...' if len(unread) > 3 else ''}, and it closes over arrays equal to "
-            f"{', '.join(captured[:3])}. Read every parameter from the first argument, e.g. "
-            "`def loss(model, x): return model(x)`, not a model defined outside the function."
-        )
-    for name, path in unread:
-        warnings.warn(
-            f"Member {path} of tie group {name!r} is never read by `{_name(fn)}`. Check the "
-            "declaration, or that the function reads its parameters from its first argument "
-            "(not from a closure).",
-            UnreadMemberWarning,
-            stacklevel=4,
-        )
-
-
-def _captured_params(
-    consts: Sequence[Any], leaves: Sequence[Any], paths: Sequence[str]
-) -> list[str]:
-    """Paths of packed arrays that also appear, by identity or by value, among the consts.
-
-    Matching by value skips uniform arrays (all elements equal, e.g. zero biases): an unrelated
-    constant such as `jnp.zeros(d)` equals them by chance, which says nothing about a closure.
-    """
-    found = []
-    concrete = [
-        (i, x)
-        for i, x in enumerate(leaves)
-        if isinstance(x, jax.Array | np.ndarray) and not isinstance(x, jax.core.Tracer)
-    ]
-    for const in consts:
-        if isinstance(const, jax.core.Tracer) or not hasattr(const, "shape"):
-            continue
-        for i, leaf in concrete:
-            if const is leaf or (
-                const.shape == leaf.shape
-                and const.dtype == leaf.dtype
-                and not _is_uniform(np.asarray(leaf))
-                and np.array_equal(np.asarray(const), np.asarray(leaf))
-            ):
-                found.append(paths[i])
-                break
-    return found
-
-
-def _is_uniform(a: np.ndarray) -> bool:
-    return a.size == 0 or bool(np.all(a == a.flat[0]))
