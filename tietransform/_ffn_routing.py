@@ -1,6 +1,6 @@
-"""Finding FFNs on tied weights in a jaxpr, and serving them with the fused kernel `kernels.ffn`.
+"""Finding FFNs on tied weights in a jaxpr, and serving them with the fused kernels.
 
-A site is the subgraph
+A plain site is the subgraph
 
     h = x @ W1            dot_general contracting x's last axis with a tied rank-2 weight
                           (either orientation of W1; a `transpose` back to tokens-first allowed)
@@ -9,15 +9,23 @@ A site is the subgraph
                           `jit` of such, or a known `custom_jvp` activation (relu)
     y = a @ W2 (+ b2)     as above, with W2 tied too
 
-whose intermediates are used nowhere else. It is replaced by
-`kernels.ffn(x, W1, b1, W2, b2, activation=act)`, the activation re-evaluated from the traced
-equations. Anything else (an untied weight, a non-elementwise middle, an intermediate read
-elsewhere) is left alone.
+and a gated site (SwiGLU, GeGLU) has two projections of the same `x`, `z_g = x @ Wg (+ bg)` and
+`z_u = x @ Wu (+ bu)`, with `a = act(z_g) * z_u`. Intermediates must be used nowhere else.
+"Tied" includes a tied weight cast by `convert_element_type` between float32/bfloat16/float16
+(mixed precision): the kernel gets the cast operands and the gradient flows back through the cast.
+
+Each site found is decided by the kernels' own support rules (`kernels.ffn_support`: dtype,
+shapes, the backend that will run it). A site the kernel serves is replaced by
+`kernels.ffn(x, W1, b1, W2, b2, activation=act)` (or `kernels.gated_ffn`), the activation
+re-evaluated from the traced equations; any other site is left as traced (XLA), silently in the
+default mode and with a one-time warning when the kernel was asked for. Either way the site is
+reported to `ffn_routing_report`.
 """
 
 import contextlib
 import contextvars
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -40,21 +48,65 @@ KNOWN_CUSTOM_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Routing:
-    """Where FFN sites go: `implementation` is passed to `kernels.ffn`."""
+    """Where FFN sites go: `implementation` is passed to `kernels.ffn`/`kernels.gated_ffn`.
+
+    `explicit`: the user asked for the kernel (`fuse_ffn=True` or an implementation name), so a
+    site it cannot serve is reported with a warning; `False` (the default mode) leaves such sites
+    to XLA silently. `None` (unknown) counts as explicit only on CPU, where routing is off unless
+    asked for.
+    """
 
     implementation: Literal["auto", "pallas", "interpret", "xla", "xla_remat"]
+    explicit: bool | None = None
+
+    @property
+    def warns(self) -> bool:
+        return self.explicit if self.explicit is not None else jax.default_backend() == "cpu"
+
+
+IMPLEMENTATIONS = ("auto", "pallas", "interpret", "xla", "xla_remat")
+
+
+def routing_for(fuse_ffn: bool | str | None) -> Routing | None:
+    """The routing `tie(..., fuse_ffn=...)` asks for.
+
+    `None`: the compiled kernels where a Pallas backend exists (GPU, TPU), silently leaving what
+    they cannot serve to XLA; off on CPU. `True`: on everywhere (interpret mode on CPU), warning
+    once per site the kernel cannot serve. `False`: off. A string is an implementation of
+    `kernels.ffn`, as explicit as `True`.
+    """
+    if isinstance(fuse_ffn, str):
+        if fuse_ffn not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"fuse_ffn={fuse_ffn!r} is not an implementation of kernels.ffn; use one of "
+                "'auto', 'pallas', 'interpret', 'xla', 'xla_remat', or a bool."
+            )
+        return Routing(fuse_ffn, explicit=True)  # type: ignore[arg-type]
+    if fuse_ffn is False:
+        return None
+    accelerated = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+    if fuse_ffn is None:
+        return Routing("pallas", explicit=False) if accelerated else None
+    if fuse_ffn is True:
+        return Routing("pallas" if accelerated else "interpret", explicit=True)
+    raise TypeError(f"fuse_ffn must be None, a bool or an implementation name, got {fuse_ffn!r}.")
 
 
 @dataclasses.dataclass
 class FFNSite:
-    """One matched FFN: the equations it replaces and how to call the kernel."""
+    """One matched FFN: the equations it replaces and how to call the kernel.
+
+    Plain: `ws = (W1,)`, the hidden function is the activation region `act_eqns` from
+    `act_input` to `act_output`. Gated: `ws = (Wg, Wu)`, `act_eqns` go from the gate's
+    pre-activation to `act(z_g)`, which one `mul` (also consumed) multiplies by `z_u`.
+    """
 
     consumed: frozenset[int]
     last: int
     x: Any
-    w1: Any
-    w1_transposed: bool
-    b1: Any | None
+    ws: tuple[Any, ...]
+    ws_transposed: tuple[bool, ...]
+    bs: tuple[Any | None, ...]
     w2: Any
     w2_transposed: bool
     b2: Any | None
@@ -64,17 +116,37 @@ class FFNSite:
     out: Any
     activation_name: str
 
+    @property
+    def gated(self) -> bool:
+        return len(self.ws) == 2
+
+    def describe(self) -> str:
+        hidden = _oriented(self.ws[0], self.ws_transposed[0])[1]
+        d_out = _oriented(self.w2, self.w2_transposed)[1]
+        kind = "gated FFN" if self.gated else "FFN"
+        return f"{kind} {self.x.aval.str_short()} -> {hidden} -> {d_out}"
+
 
 @dataclasses.dataclass(frozen=True)
 class RoutedFFN:
-    """A report line: an FFN site served by the kernel."""
+    """A report line: one FFN site on tied weights that `tie` found, and what served it.
+
+    `shape` reads `dtype[tokens..., d] -> hidden -> d_out` (prefixed `gated ` for a gated FFN);
+    `served_by` is `"kernels.ffn[<implementation>]"` (or `kernels.gated_ffn[...]`) when the kernel
+    was called, or `"XLA"` when the site was left as traced; `implementation` is the
+    implementation that ran (never one that did not), `None` when left to XLA; `reason` says why
+    a site was left to XLA.
+    """
 
     shape: str
     activation: str
-    implementation: str
+    implementation: str | None
+    served_by: str = "XLA"
+    reason: str | None = None
 
     def __str__(self) -> str:
-        return f"FFN {self.shape}, activation {self.activation}: kernels.ffn[{self.implementation}]"
+        where = self.served_by if self.reason is None else f"left to XLA: {self.reason}"
+        return f"{self.shape}, activation {self.activation}: {where}"
 
 
 _report: contextvars.ContextVar[list[RoutedFFN] | None] = contextvars.ContextVar(
@@ -84,7 +156,8 @@ _report: contextvars.ContextVar[list[RoutedFFN] | None] = contextvars.ContextVar
 
 @contextlib.contextmanager
 def ffn_routing_report() -> Iterator[list[RoutedFFN]]:
-    """Collects the FFN sites that `tie(..., fuse_ffn=...)` routes while tracing in this block.
+    """Collects every FFN site on tied weights that `tie(..., fuse_ffn=...)` finds while tracing
+    in this block, with what served it (a kernel, or XLA and why).
 
     !!! Example
         ```python
@@ -234,10 +307,15 @@ class _Matcher:
             if b.aval.shape == (width,):
                 return b, self.eqns[add].outvars[0], [*chain, add]
 
-    def activation(self, start: Any, after: int) -> tuple[list[int], Any, int] | None:
-        """The elementwise region from `start` up to the dot that consumes it: (eqns, a, dot)."""
-        region_vars, region = {start}, []
+    def region(
+        self, starts: Sequence[Any], after: int, skip: Sequence[int] = ()
+    ) -> tuple[list[int], Any, int] | None:
+        """The elementwise region from `starts` up to the dot that consumes it: (eqns, a, dot)."""
+        region_vars, region = set(starts), []
+        shape = starts[0].aval.shape
         for index in range(after + 1, len(self.eqns)):
+            if index in skip:
+                continue
             eqn = self.eqns[index]
             touched = [v for v in eqn.invars if not _compat.is_literal(v) and v in region_vars]
             if not touched:
@@ -257,60 +335,144 @@ class _Matcher:
             others = [v for v in eqn.invars if not _compat.is_literal(v) and v not in region_vars]
             if others or _elementwise_kind(eqn) is None:
                 return None
-            if any(o.aval.shape != start.aval.shape for o in eqn.outvars):
+            if any(o.aval.shape != shape for o in eqn.outvars):
                 return None
             region.append(index)
             region_vars.update(eqn.outvars)
         return None
 
-    def site_at(self, index: int) -> FFNSite | None:
-        first = self.dot(index, None)
+    def projection(
+        self, index: int, x_var: Any | None
+    ) -> tuple[Any, Any, bool, Any, Any, list[int]] | None:
+        """`x @ W (+ b)` at equation `index`: (x, W, transposed, b, value, eqns)."""
+        first = self.dot(index, x_var)
         if first is None:
             return None
-        x, w1, w1_t, h, consumed = first
-        b1 = None
+        x, w, w_t, h, consumed = first
+        b = None
         bias = self.bias(h)
         if bias is not None:
-            b1, h, more = bias
-            consumed += more
-        act = self.activation(h, max(consumed))
-        if act is None:
+            b, h, more = bias
+            consumed = consumed + more
+        return x, w, w_t, b, h, consumed
+
+    def gate_and_up(
+        self, region: list[int], a: Any, z0: Any, z1: Any
+    ) -> tuple[Any, Any, list[int], int] | None:
+        """Splits a gated region `act(z_g) * z_u` into (z_g, act(z_g), gate eqns, mul index)."""
+        if not region or self.producer.get(a) != region[-1]:
             return None
-        region, a, dot2 = act
-        second = self.dot(dot2, a)
+        mul = self.eqns[region[-1]]
+        if mul.primitive.name != "mul" or any(_compat.is_literal(v) for v in mul.invars):
+            return None
+        depends: dict[Any, set[Any]] = {z0: {z0}, z1: {z1}}
+        for i in region[:-1]:
+            eqn = self.eqns[i]
+            deps = set().union(*(depends[v] for v in eqn.invars if not _compat.is_literal(v)))
+            depends.update({o: deps for o in eqn.outvars})
+        p, q = mul.invars
+        for gate_side, up_side in ((p, q), (q, p)):
+            for z_g, z_u in ((z0, z1), (z1, z0)):
+                if up_side is z_u and depends.get(gate_side) == {z_g}:
+                    return z_g, gate_side, region[:-1], region[-1]
+        return None
+
+    def site_at(self, index: int) -> FFNSite | None:
+        first = self.projection(index, None)
+        if first is None:
+            return None
+        x, w1, w1_t, b1, h, consumed = first
+        act = self.region([h], max(consumed))
+        if act is not None:
+            region, a, dot2 = act
+            return self.finish(consumed + region, x, ((w1, w1_t, b1),), h, a, region, dot2)
+        for other in range(len(self.eqns)):  # gated: a second projection of the same x
+            if other == index or other in consumed:
+                continue
+            second = self.projection(other, x)
+            if second is None or second[1] is w1 or second[1].aval.shape != w1.aval.shape:
+                continue
+            _, w_o, w_o_t, b_o, h_o, more = second
+            if (w_o_t != w1_t) or set(more) & set(consumed):
+                continue
+            act = self.region([h, h_o], max(consumed), skip=more)
+            if act is None:
+                continue
+            region, a, dot2 = act
+            split = self.gate_and_up(region, a, h, h_o)
+            if split is None:
+                continue
+            z_g, a_g, gate_eqns, _ = split
+            projections = ((w1, w1_t, b1), (w_o, w_o_t, b_o))
+            if z_g is h_o:
+                projections = projections[::-1]
+            return self.finish(
+                consumed + more + region, x, projections, z_g, a_g, gate_eqns, dot2, gated_a=a
+            )
+        return None
+
+    def finish(
+        self,
+        consumed: list[int],
+        x: Any,
+        projections: Sequence[tuple[Any, bool, Any | None]],
+        act_input: Any,
+        act_output: Any,
+        act_region: list[int],
+        dot2: int,
+        gated_a: Any | None = None,
+    ) -> FFNSite | None:
+        second = self.dot(dot2, act_output if gated_a is None else gated_a)
         if second is None:
             return None
         _, w2, w2_t, out, more = second
-        consumed += region + more
+        consumed = consumed + more
         b2 = None
         bias = self.bias(out)
         if bias is not None:
             b2, out, more = bias
-            consumed += more
+            consumed = consumed + more
         if out.aval.shape[:-1] != x.aval.shape[:-1] or out.aval.dtype != x.aval.dtype:
             return None
-        dtypes = {v.aval.dtype for v in (x, w1, w2, b1, b2) if v is not None}
-        if len(dtypes) != 1 or x.aval.dtype not in _kernel_dtypes():
-            return None  # the kernel takes one floating dtype it supports; XLA serves the rest
-        act_eqns = tuple(self.eqns[i] for i in region)
+        act_eqns = tuple(self.eqns[i] for i in act_region)
         names = [_elementwise_kind(e) for e in act_eqns]
-        name = next((n for n in names if n not in ("prim", "jit")), None) or "traced elementwise"
-        return FFNSite(
-            frozenset(consumed),
-            max(consumed),
-            x,
-            w1,
-            w1_t,
-            b1,
-            w2,
-            w2_t,
-            b2,
-            h,
-            a,
-            act_eqns,
-            out,
-            name,
+        name = next((n for n in names if n not in ("prim", "jit")), None) or (
+            "traced elementwise" if act_eqns else "identity"
         )
+        return FFNSite(
+            consumed=frozenset(consumed),
+            last=max(consumed),
+            x=x,
+            ws=tuple(w for w, _, _ in projections),
+            ws_transposed=tuple(t for _, t, _ in projections),
+            bs=tuple(b for _, _, b in projections),
+            w2=w2,
+            w2_transposed=w2_t,
+            b2=b2,
+            act_input=act_input,
+            act_output=act_output,
+            act_eqns=act_eqns,
+            out=out,
+            activation_name=name,
+        )
+
+
+def tied_through_casts(jaxpr: Any, tied: set[Any]) -> set[Any]:
+    """`tied` plus every value cast from a tied one by `convert_element_type` between float32,
+    bfloat16 and float16 (a mixed-precision loss reads its tied weights through such casts)."""
+    out = set(tied)
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name != "convert_element_type" or _compat.is_literal(eqn.invars[0]):
+            continue
+        if eqn.invars[0] not in out:
+            continue
+        source, target = eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype
+        if source in _CAST_DTYPES and target in _CAST_DTYPES:
+            out.add(eqn.outvars[0])
+    return out
+
+
+_CAST_DTYPES = frozenset(jnp.dtype(t) for t in (jnp.float32, jnp.bfloat16, jnp.float16))
 
 
 def find_ffn_sites(jaxpr: Any, tied: set[Any]) -> dict[int, FFNSite]:
@@ -350,9 +512,62 @@ def _eval_elementwise(eqns: Sequence[Any], env: dict[Any, Any]) -> None:
         env.update(zip(eqn.outvars, outs, strict=True))
 
 
-def serve(site: FFNSite, read: Callable[[Any], Any], routing: Routing) -> Any:
-    """Computes the site's output with `kernels.ffn`."""
-    from kernels import ffn
+def _oriented(w: Any, transposed: bool) -> tuple[int, ...]:
+    shape = tuple(w.aval.shape)
+    return shape[::-1] if transposed else shape
+
+
+_warned: set[str] = set()
+
+
+def decide(site: FFNSite, routing: Routing) -> RoutedFFN:
+    """What serves `site` under `routing`, by the kernels' own support rules
+    (`kernels.ffn_support`); reported (and, if the kernel was asked for, warned about once)."""
+    from kernels import ffn_support
+
+    def spec(w: Any, transposed: bool) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(_oriented(w, transposed), w.aval.dtype)
+
+    ws = tuple(spec(w, t) for w, t in zip(site.ws, site.ws_transposed, strict=True))
+    biases = tuple(b.aval for b in (*site.bs, site.b2) if b is not None)
+    support = ffn_support(
+        site.x.aval,
+        ws,
+        spec(site.w2, site.w2_transposed),
+        biases=biases,
+        implementation=routing.implementation,
+    )
+    kernel = "kernels.gated_ffn" if site.gated else "kernels.ffn"
+    if support.reason is None:
+        decision = RoutedFFN(
+            site.describe(),
+            site.activation_name,
+            support.implementation,
+            f"{kernel}[{support.implementation}]",
+        )
+    else:
+        decision = RoutedFFN(site.describe(), site.activation_name, None, "XLA", support.reason)
+        message = (
+            f"tie(fuse_ffn={routing.implementation!r}): {decision.shape}, activation "
+            f"{decision.activation}, is left to XLA: {support.reason}."
+        )
+        if routing.warns and message not in _warned:
+            _warned.add(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+    report = _report.get()
+    if report is not None:
+        report.append(decision)
+    return decision
+
+
+def _reset_warnings() -> None:
+    """Forget which routing warnings were shown (for tests)."""
+    _warned.clear()
+
+
+def serve(site: FFNSite, read: Callable[[Any], Any], decision: RoutedFFN) -> Any:
+    """Computes the site's output with `kernels.ffn` or `kernels.gated_ffn`."""
+    from kernels import ffn, gated_ffn
 
     act_dtype = site.act_input.aval.dtype
 
@@ -361,15 +576,27 @@ def serve(site: FFNSite, read: Callable[[Any], Any], routing: Routing) -> Any:
         _eval_elementwise(site.act_eqns, env)
         return env[site.act_output].astype(z.dtype)
 
-    w1, w2 = read(site.w1), read(site.w2)
-    w1 = jnp.transpose(w1) if site.w1_transposed else w1
+    ws = [
+        jnp.transpose(read(w)) if t else read(w)
+        for w, t in zip(site.ws, site.ws_transposed, strict=True)
+    ]
+    w2 = read(site.w2)
     w2 = jnp.transpose(w2) if site.w2_transposed else w2
-    b1 = None if site.b1 is None else read(site.b1)
+    bs = [None if b is None else read(b) for b in site.bs]
     b2 = None if site.b2 is None else read(site.b2)
-    report = _report.get()
-    if report is not None:
-        shape = f"{site.x.aval.str_short()} -> {w1.shape[1]} -> {w2.shape[1]}"
-        report.append(RoutedFFN(shape, site.activation_name, routing.implementation))
+    implementation: Any = decision.implementation
+    if site.gated:
+        return gated_ffn(
+            read(site.x),
+            ws[0],
+            ws[1],
+            w2,
+            bg=bs[0],
+            bu=bs[1],
+            b2=b2,
+            activation=activation,
+            implementation=implementation,
+        )
     return ffn(
-        read(site.x), w1, b1, w2, b2, activation=activation, implementation=routing.implementation
+        read(site.x), ws[0], bs[0], w2, b2, activation=activation, implementation=implementation
     )

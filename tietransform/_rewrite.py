@@ -14,9 +14,16 @@ equation that reads it. One rule per higher-order primitive, registered next to 
 | `jit`/`pjit`         | the inner jaxpr is evaluated inline, so the rules apply inside          |
 | `checkpoint`/`remat` | re-emitted as `jax.checkpoint` with the same policy; rules apply inside |
 | `cond`, `while`, `shard_map`, `custom_*`, `pallas_call`, ... | materialised, with a warning   |
-| first-order primitives | materialised (a gather XLA fuses into its consumer)                  |
+| elementwise (`convert_element_type`, `mul`, ...) | applied to the kept slices: stays stacked  |
+| slice reads (`slice`, `dynamic_slice`, `gather`, `squeeze`) | a gather XLA fuses into the read |
+| any other first-order primitive | materialised, with a warning                                |
+
+So the cast of a mixed-precision loss (`w.astype(jnp.bfloat16)` before the scan) casts the kept
+slices only and the scan still reads one slice per iteration; a `reshape` or `dot_general` of the
+whole stack builds it (and says so).
 """
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,29 +34,56 @@ from jax import lax
 
 from . import _compat
 from ._errors import StackMaterialisedWarning
-from ._ffn_routing import Routing, find_ffn_sites, serve
+from ._ffn_routing import ELEMENTWISE, Routing, decide, find_ffn_sites, serve, tied_through_casts
 from ._layout import take_rows
 
 
 class StackedRead:
-    """A lazy stacked array: slice `i` is `data[rows[i]]`. Never escapes the interpreter."""
+    """A lazy stacked array: slice `i` is `ops(data[rows[i]])`. Never escapes the interpreter.
 
-    __slots__ = ("data", "rows", "weak_type", "groups")
+    `ops` are elementwise functions (a mixed-precision cast, a scale) deferred to each slice as
+    it is read, so the stack is never built and each slice's cotangent is converted back before
+    it is summed into `data`'s (in `data`'s dtype, as the untied model sums its members').
+    """
 
-    def __init__(self, data: Any, rows: tuple[int, ...], weak_type: bool, groups: tuple[str, ...]):
+    __slots__ = ("data", "rows", "weak_type", "groups", "ops", "dtype")
+
+    def __init__(
+        self,
+        data: Any,
+        rows: tuple[int, ...],
+        weak_type: bool,
+        groups: tuple[str, ...],
+        ops: tuple[Callable[[Any], Any], ...] = (),
+        dtype: Any = None,
+    ):
         self.data = data
         self.rows = rows
         self.weak_type = weak_type
         self.groups = groups
+        self.ops = ops
+        self.dtype = jax.typeof(data).dtype if dtype is None else dtype
 
     def shape_dtype(self) -> jax.ShapeDtypeStruct:
         """The type of the full array, for tracing."""
         aval = jax.typeof(self.data)
         shape = (len(self.rows), *aval.shape[1:])
-        return jax.ShapeDtypeStruct(shape, aval.dtype, weak_type=self.weak_type)
+        return jax.ShapeDtypeStruct(shape, self.dtype, weak_type=self.weak_type)
+
+    def with_data(self, data: Any) -> "StackedRead":
+        return StackedRead(data, self.rows, self.weak_type, self.groups, self.ops, self.dtype)
+
+    def apply(self, value: Any) -> Any:
+        for op in self.ops:
+            value = op(value)
+        return value
+
+    def read(self, row: Any) -> Any:
+        """Slice `row` of the full array (a traced index), with the deferred ops applied."""
+        return self.apply(_read_slice(self.data, row))
 
     def materialise(self) -> Any:
-        return take_rows(self.data, self.rows)
+        return self.apply(take_rows(self.data, self.rows))
 
 
 def _read_slice(data: jax.Array, row: jax.Array) -> jax.Array:
@@ -59,7 +93,8 @@ def _read_slice(data: jax.Array, row: jax.Array) -> jax.Array:
 
 
 def _recompute_slices(datas: Sequence[Any]) -> Callable[..., bool]:
-    """A checkpoint policy that saves every residual except slices read by `_read_slice`.
+    """A checkpoint policy that saves every residual except slices read by `StackedRead.read`
+    (and the elementwise ops, such as casts, deferred to them).
 
     Without it, differentiating the rewritten scan stores each iteration's slice: an `L`-fold
     copy again. A slice is a cheap read of a loop-invariant buffer, so the backward pass rereads
@@ -68,12 +103,15 @@ def _recompute_slices(datas: Sequence[Any]) -> Callable[..., bool]:
     """
     data_shapes = {tuple(jax.typeof(d).shape) for d in datas}
     slice_shapes = {(1, *shape[1:]) for shape in data_shapes}
+    read_shapes = {shape[1:] for shape in data_shapes}
 
     def policy(primitive: Any, *avals: Any, **params: Any) -> bool:
         if primitive.name == "dynamic_slice":
             return tuple(avals[0].shape) not in data_shapes
         if primitive.name == "squeeze":
             return tuple(avals[0].shape) not in slice_shapes
+        if primitive.name in ELEMENTWISE and avals:
+            return tuple(avals[0].shape) not in read_shapes
         return True
 
     return policy
@@ -107,8 +145,12 @@ def evaluate(
     tied = [False] * len(args) if tied is None else list(tied)
     tied = [t or _is_lazy(a) for t, a in zip(tied, args, strict=True)]
     tied_vars = {v for v, t in zip(jaxpr.invars, tied, strict=True) if t}
-    sites = find_ffn_sites(jaxpr, tied_vars) if routing is not None else {}
-    served_by = routing if routing is not None else Routing("xla")
+    sites = {}
+    if routing is not None:
+        tied_vars = tied_through_casts(jaxpr, tied_vars)
+        found = find_ffn_sites(jaxpr, tied_vars)
+        decisions = {index: decide(site, routing) for index, site in found.items()}
+        sites = {i: s for i, s in found.items() if decisions[i].implementation is not None}
     descend = routing is not None and any(
         eqn.primitive.name in _rules
         and any(v in tied_vars for v in eqn.invars if not _compat.is_literal(v))
@@ -127,17 +169,20 @@ def evaluate(
     for index, eqn in enumerate(jaxpr.eqns):
         if index in sites:
             env[sites[index].out] = serve(
-                sites[index], lambda v: _materialised([read(v)])[0], served_by
+                sites[index], lambda v: _materialised([read(v)])[0], decisions[index]
             )
             continue
         if index in consumed:
             continue
         invals = [read(v) for v in eqn.invars]
-        tied_in = [not _compat.is_literal(v) and v in tied_vars for v in eqn.invars]
+        tied_in = [
+            _is_lazy(x) or (not _compat.is_literal(v) and v in tied_vars)
+            for v, x in zip(eqn.invars, invals, strict=True)
+        ]
         if any(_is_lazy(v) for v in invals) or (
             routing is not None and any(tied_in) and eqn.primitive.name in _rules
         ):
-            outs = _rules.get(eqn.primitive.name, _default_rule)(eqn, invals, tied_in, routing)
+            outs = _rule(eqn)(eqn, invals, tied_in, routing)
         else:
             outs = _compat.bind_equation(eqn, invals)
         for var, value in zip(eqn.outvars, outs, strict=True):
@@ -145,20 +190,78 @@ def evaluate(
     return _materialised([read(v) for v in jaxpr.outvars])
 
 
+def _rule(eqn: Any) -> Rule:
+    name = eqn.primitive.name
+    if name in _rules:
+        return _rules[name]
+    if name in ELEMENTWISE and not _compat.inner_jaxprs(eqn):
+        return _elementwise_rule
+    if name in SLICE_READS:
+        return _slice_read_rule
+    return _default_rule
+
+
+SLICE_READS = frozenset({"slice", "dynamic_slice", "gather", "squeeze"})
+
+
+def _warn_materialised(eqn: Any, invals: Sequence[Any]) -> None:
+    groups = sorted({g for v in invals if _is_lazy(v) for g in v.groups})
+    warnings.warn(
+        f"Stacked tie group(s) {groups} are read by `{eqn.primitive.name}`, which tietransform "
+        "does not rewrite: the full stacked array is built there (values and gradients are "
+        "correct; memory is L-fold). Pass the stack to `lax.scan` as `xs` (elementwise "
+        "operations such as casts may come first) or read one slice at a time to avoid the copy.",
+        StackMaterialisedWarning,
+        stacklevel=3,
+    )
+
+
 def _default_rule(
     eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None
 ) -> list[Any]:
     del tied, routing
-    if _compat.inner_jaxprs(eqn):
-        groups = sorted({g for v in invals if _is_lazy(v) for g in v.groups})
-        warnings.warn(
-            f"Stacked tie group(s) {groups} are read by `{eqn.primitive.name}`, which tietransform "
-            "does not rewrite: the full stacked array is built there (values and gradients are "
-            "correct; memory is L-fold). Pass the stack to `lax.scan` as `xs` to avoid the copy.",
-            StackMaterialisedWarning,
-            stacklevel=2,
-        )
+    _warn_materialised(eqn, invals)
     return _compat.bind_equation(eqn, _materialised(invals))
+
+
+def _slice_read_rule(
+    eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None
+) -> list[Any]:
+    del tied, routing
+    return _compat.bind_equation(eqn, _materialised(invals))
+
+
+def _elementwise_rule(
+    eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None
+) -> list[Any]:
+    """An elementwise primitive of one stacked read (and scalars) stays stacked: it is deferred
+    to each slice as it is read, `op(data[rows[i]])`. Anything else builds the stack."""
+    del tied, routing
+    lazy = [i for i, v in enumerate(invals) if _is_lazy(v)]
+    others_scalar = all(_is_lazy(v) or jnp.ndim(v) == 0 for v in invals)
+    if len(lazy) != 1 or not others_scalar or eqn.primitive.multiple_results:
+        _warn_materialised(eqn, invals)
+        return _compat.bind_equation(eqn, _materialised(invals))
+    (position,) = lazy
+    source: StackedRead = invals[position]
+    op = functools.partial(_bind_at, eqn, tuple(invals), position)
+    (var,) = eqn.outvars
+    return [
+        StackedRead(
+            source.data,
+            source.rows,
+            var.aval.weak_type,
+            source.groups,
+            (*source.ops, op),
+            var.aval.dtype,
+        )
+    ]
+
+
+def _bind_at(eqn: Any, invals: tuple[Any, ...], position: int, value: Any) -> Any:
+    values = list(invals)
+    values[position] = value
+    return _compat.bind_equation(eqn, values)[0]
 
 
 def _jit_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None) -> list[Any]:
@@ -181,8 +284,7 @@ def _scan_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing |
 
     def step(carry: list[Any], xs_slice: list[Any]) -> tuple[list[Any], list[Any]]:
         x_values = [
-            _read_slice(x.data, row) if _is_lazy(x) else row
-            for x, row in zip(xs, xs_slice, strict=True)
+            x.read(row) if _is_lazy(x) else row for x, row in zip(xs, xs_slice, strict=True)
         ]
         outs = evaluate(body, body_consts, [*consts, *carry, *x_values], body_tied, routing)
         return outs[:num_carry], outs[num_carry:]
@@ -206,8 +308,7 @@ def _checkpoint_rule(
 
     def rematerialised(*flat_args: Any) -> list[Any]:
         args = [
-            StackedRead(f, v.rows, v.weak_type, v.groups) if _is_lazy(v) else f
-            for f, v in zip(flat_args, invals, strict=True)
+            v.with_data(f) if _is_lazy(v) else f for f, v in zip(flat_args, invals, strict=True)
         ]
         return evaluate(inner, consts, args, tied, routing)
 

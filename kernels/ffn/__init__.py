@@ -3,7 +3,9 @@
 from ._api import (
     Implementation as Implementation,
     KernelFamily as KernelFamily,
+    Support as Support,
     ffn as ffn,
+    ffn_support as ffn_support,
     gated_ffn as gated_ffn,
 )
 from ._reference import ffn_reference as ffn_reference, gated_ffn_reference as gated_ffn_reference

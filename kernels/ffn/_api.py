@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from . import _pallas_gpu, _pallas_tpu
 from ._problem import Activation, Gated, Hidden, HiddenFn
 from ._reference import problem_reference, problem_reference_remat
-from ._validate import check_ffn_args
+from ._validate import SUPPORTED_DTYPES, check_ffn_args
 from ._vjp import KernelPlan, fused_ffn
 
 
-__all__ = ["Implementation", "KernelFamily", "ffn", "gated_ffn"]
+__all__ = ["Implementation", "KernelFamily", "Support", "ffn", "ffn_support", "gated_ffn"]
 
 Implementation = Literal["auto", "pallas", "interpret", "xla", "xla_remat"]
 KernelFamily = Literal["gpu", "tpu"]
@@ -55,8 +57,11 @@ def _plan(phi: HiddenFn, x, ws, w_out, implementation, backend, block_m, block_h
     family, interpret = _family_and_interpret(implementation, backend)
     tokens, hidden = x.shape[0], ws[0].shape[1]
     if family == "gpu":
-        _pallas_gpu.check_supported(x, ws, w_out, compiled=interpret is False)
-        blocks = _pallas_gpu.gpu_blocks(tokens, hidden, len(ws), block_m, block_h)
+        compiled = interpret is False
+        _pallas_gpu.check_supported(x, ws, w_out, compiled=compiled)
+        blocks = _pallas_gpu.gpu_blocks(
+            tokens, hidden, len(ws), block_m, block_h, compiled=compiled
+        )
         return KernelPlan(phi, blocks, _pallas_gpu.forward, _pallas_gpu.backward, interpret)
     if family == "tpu":
         blocks = _pallas_tpu.tpu_blocks(tokens, hidden, x.dtype, block_m, block_h)
@@ -64,14 +69,80 @@ def _plan(phi: HiddenFn, x, ws, w_out, implementation, backend, block_m, block_h
     raise ValueError(f'backend must be "gpu", "tpu" or None; got {family!r}.')
 
 
-def _dispatch(fn_name, phi, x, ws, bs, w_out, b_out, implementation, backend, block_m, block_h):
+def _check_block(fn_name: str, name: str, value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"{fn_name}: `{name}` must be a positive int or None, got {value!r}.\n"
+            f"Pass e.g. `{name}=64`, or None for the backend's default."
+        )
+
+
+def _resolve(fn_name: str, implementation: str) -> str:
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(
             f"{fn_name}: unknown implementation {implementation!r}; expected one of "
             f"{', '.join(map(repr, _IMPLEMENTATIONS))}."
         )
     if implementation == "auto":
-        implementation = "xla" if jax.default_backend() == "cpu" else "pallas"
+        return "xla" if jax.default_backend() == "cpu" else "pallas"
+    return implementation
+
+
+class Support(NamedTuple):
+    """What serves an FFN call: `implementation` is what runs (`"pallas"`, `"interpret"`,
+    `"xla"` or `"xla_remat"`; `"auto"` resolved); `reason` says why the Pallas kernel cannot
+    serve the call (it then falls back to `"xla"`), or is `None`."""
+
+    implementation: str
+    reason: str | None
+
+
+def ffn_support(
+    x: Any,
+    ws: tuple[Any, ...],
+    w_out: Any,
+    *,
+    biases: tuple[Any, ...] = (),
+    implementation: Implementation = "auto",
+    backend: KernelFamily | None = None,
+) -> Support:
+    """Which implementation `ffn`/`gated_ffn` would run for arguments of these shapes and dtypes.
+
+    **Arguments:** `x` `(..., d)`, `ws` the input projections `(d, hidden)` (one for `ffn`, two
+    for `gated_ffn`), `w_out` `(hidden, d_out)`, `biases` any biases (or `None`s); anything with
+    `.shape` and `.dtype` (arrays, `jax.ShapeDtypeStruct`, avals). `implementation`, `backend`
+    as in [`kernels.ffn`][].
+
+    These are the kernels' own rules, the ones the dispatcher applies: the Pallas kernels take
+    one dtype among [`kernels.SUPPORTED_DTYPES`][]; the Mosaic GPU kernels (`"pallas"` on a GPU,
+    or `backend="gpu"`) take bfloat16/float16 only, `d` and `d_out` multiples of 64 (bfloat16;
+    one 128-byte swizzle row), `hidden` a multiple of 128 (64 gated), and compiled, a Hopper
+    (sm_90) GPU. Used by `tie(..., fuse_ffn=...)` to route only what a kernel serves.
+    """
+    name = "gated_ffn" if len(ws) == 2 else "ffn"
+    resolved = _resolve(name, implementation)
+    if resolved in ("xla", "xla_remat"):
+        return Support(resolved, None)
+    operands = [x, *ws, w_out, *(b for b in biases if b is not None)]
+    dtypes = sorted({jnp.dtype(a.dtype).name for a in operands})
+    if len(dtypes) != 1:
+        return Support("xla", f"its operands mix dtypes ({', '.join(dtypes)})")
+    if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+        return Support("xla", f"{dtypes[0]} is not a kernel dtype (float32, bfloat16, float16)")
+    x2 = jax.ShapeDtypeStruct((math.prod(x.shape[:-1]), x.shape[-1]), x.dtype)
+    try:
+        _plan(Hidden(jax.nn.relu), x2, ws, w_out, resolved, backend, None, None)
+    except NotImplementedError as e:
+        return Support("xla", str(e))
+    return Support(resolved, None)
+
+
+def _dispatch(fn_name, phi, x, ws, bs, w_out, b_out, implementation, backend, block_m, block_h):
+    implementation = _resolve(fn_name, implementation)
+    _check_block(fn_name, "block_m", block_m)
+    _check_block(fn_name, "block_h", block_h)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     out: jax.Array | None = None
@@ -119,7 +190,11 @@ def ffn(
     - `backend`: which kernel family `"pallas"`/`"interpret"` use: `"gpu"` (Mosaic GPU,
       Hopper), `"tpu"` (Mosaic TPU; interpreted by `pltpu.InterpretParams`), or `None` (the
       platform's own; for `"interpret"` the TPU-style kernels under the generic interpreter).
-    - `block_m`, `block_h`: token-block rows and hidden-chunk width (defaults per backend).
+    - `block_m`, `block_h`: token-block rows and hidden-chunk width, positive ints (defaults per
+      backend). Each backend rounds them to a block it can run: the TPU kernels to multiples of
+      8 rows (16 for 16-bit dtypes) and 128 columns; the Mosaic GPU kernels to a hidden chunk of
+      whole 128-column tiles (64 gated) that divides `hidden` and, compiled, to multiples of 64
+      rows (WGMMA's M).
 
     All arguments share one dtype (float32, bfloat16 or float16); matmuls accumulate in float32
     and the hidden activation is rounded to that dtype before `w2`.
@@ -128,7 +203,8 @@ def ffn(
 
     `(..., d_out)` in `x.dtype`. Under `jax.grad`, the Pallas implementations save only the
     inputs and recompute the `tokens x hidden` activation blockwise in the backward.
-    A shape or dtype a kernel cannot serve falls back to `"xla"` with a one-time warning.
+    A shape or dtype a kernel cannot serve falls back to `"xla"` with a one-time warning;
+    `kernels.ffn_support` says beforehand what will serve a call.
     """
     check_ffn_args("ffn", x, [("w1", w1)], [("b1", b1)], "w2", w2, "b2", b2)
     return _dispatch(

@@ -28,7 +28,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .. import _compat
 from . import _math
-from ._blocking import Blocks, pad_axis
+from ._blocking import Blocks, pad_axis, round_up
 from ._problem import HiddenFn
 
 
@@ -65,7 +65,9 @@ def check_supported(
     """Raise `NotImplementedError` (with the reason) for calls these kernels cannot serve."""
     dtype = jnp.dtype(x.dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise NotImplementedError(f"the Mosaic GPU kernels take bfloat16/float16, got {dtype}")
+        raise NotImplementedError(
+            f"{dtype.name} is not served by the Mosaic GPU kernels (they take bfloat16/float16)"
+        )
     bk, bn = _block_k(dtype), _block_n(len(ws))
     d, hidden, d_out = x.shape[1], ws[0].shape[1], w_out.shape[1]
     for name, size, mult in (("d", d, bk), ("d_out", d_out, bk), ("hidden", hidden, bn)):
@@ -78,15 +80,29 @@ def check_supported(
 
 
 def gpu_blocks(
-    tokens: int, hidden: int, arity: int, block_m: int | None, block_h: int | None
+    tokens: int,
+    hidden: int,
+    arity: int,
+    block_m: int | None,
+    block_h: int | None,
+    *,
+    compiled: bool = False,
 ) -> Blocks:
-    """Token blocks of 64 rows; `block_h` is the streamed hidden chunk (a divisor of `hidden`)."""
+    """Token blocks of `block_m` rows (64 by default) and hidden chunks of `block_h` columns.
+
+    The chunk is the largest multiple of the tile width (128, 64 gated) that divides `hidden` and
+    is at most `block_h` (but at least one tile). Compiled kernels round `block_m` up to a
+    multiple of 64, the M of one warpgroup's WGMMA (Mosaic GPU rejects any other accumulator
+    height); the interpreter takes any `block_m`.
+    """
     bn = _block_n(arity)
-    chunk = min(block_h or _DEFAULT_CHUNK, hidden)
-    chunk -= chunk % bn
+    chunk = max(min(block_h or _DEFAULT_CHUNK, hidden) // bn * bn, bn)
     while hidden % chunk:
         chunk -= bn
-    return Blocks(tokens, hidden, block_m or _BLOCK_M, chunk)
+    bm = block_m or _BLOCK_M
+    if compiled:
+        bm = min(round_up(bm, _BLOCK_M), round_up(tokens, _BLOCK_M))
+    return Blocks(tokens, hidden, bm, chunk)
 
 
 def _tile_gemm(acc_ref, a_gmem, b_gmem, mi, ni, bm: int, bn: int):
