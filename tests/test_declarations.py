@@ -1,5 +1,6 @@
 """Declaring tie groups: what each form selects, and the errors bad declarations raise."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 import tietransform as tt
 from tests.helpers import Tower
+from tietransform.testing import check_tied
 
 
 @pytest.fixture
@@ -207,3 +209,64 @@ def test_where_returning_a_node_and_a_node_inside_it_is_refused_as_an_overlap():
     params = {"a": {"w": jnp.ones(2)}, "b": {"w": jnp.ones(2)}}
     with pytest.raises(ValueError, match="returned a.w together with a node that contains it"):
         tt.pack(params, tt.TieSpec(g=lambda m: [m["a"], m["a"]["w"], m["b"]]))
+
+
+def ffn_blocks(n, key):
+    """A list of `n` unstacked blocks, each with an MLP of two `eqx.nn.Linear` (8 -> 16 -> 8)."""
+    keys = jax.random.split(key, 2 * n)
+    return {
+        "blocks": [
+            {
+                "mlp": [
+                    eqx.nn.Linear(8, 16, key=keys[2 * i]),
+                    eqx.nn.Linear(16, 8, key=keys[2 * i + 1]),
+                ]
+            }
+            for i in range(n)
+        ]
+    }
+
+
+def ffn_blocks_loss(model, x):
+    for block in model["blocks"]:
+        up, down = block["mlp"]
+        x = x + jax.vmap(down)(jax.nn.gelu(jax.vmap(up)(x)))
+    return jnp.mean(x**2)
+
+
+def test_a_stack_over_a_list_of_blocks_is_refused_naming_the_arrays_and_a_plain_group(getkey):
+    model, x = ffn_blocks(3, getkey()), jax.random.normal(getkey(), (5, 8))
+    spec = tt.TieSpec(ffn=tt.stack("blocks[*].mlp"))
+    with pytest.raises(ValueError, match="do not share a leading axis") as error:
+        tt.tie(ffn_blocks_loss, spec)(tt.pack(model, spec), x)
+    message = str(error.value)
+    assert "blocks[0].mlp[0].weight  f32[16,8]" in message
+    assert "blocks[0].mlp[1].weight  f32[8,16]" in message
+    assert "TieSpec(ffn='blocks[*].mlp')" in message
+
+
+@pytest.mark.xfail(
+    strict=True, reason="needs tt.pack to pass its leaves to plan_for (_pack.py, not ours yet)"
+)
+def test_pack_refuses_a_stack_over_a_list_of_blocks(getkey):
+    with pytest.raises(ValueError, match="do not share a leading axis"):
+        tt.pack(ffn_blocks(2, getkey()), tt.TieSpec(ffn=tt.stack("blocks[*].mlp")))
+
+
+def test_the_plain_group_a_stack_error_points_to_ties_the_blocks(getkey):
+    model, x = ffn_blocks(3, getkey()), jax.random.normal(getkey(), (5, 8))
+    check_tied(ffn_blocks_loss, tt.TieSpec(ffn="blocks[*].mlp"), model, x)
+
+
+def test_separate_stacked_arrays_of_different_lengths_may_share_one_selector(getkey):
+    params = {
+        "a": {"w": jax.random.normal(getkey(), (3, 2))},
+        "b": {"w": jax.random.normal(getkey(), (5, 2))},
+    }
+    spec = tt.TieSpec(rows=tt.stack("*.w"))
+    check_tied(
+        lambda p, v: jnp.sum(jnp.sin(p["a"]["w"] @ v)) + jnp.sum(p["b"]["w"] @ v),
+        spec,
+        params,
+        jnp.ones(2),
+    )

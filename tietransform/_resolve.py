@@ -3,6 +3,11 @@
 Resolution depends only on the tree's structure (its treedef), never on array values, so a plan
 is computed once per structure and kept on the spec. A packed pytree and its full model flatten to
 the same treedef (placeholders count as leaves), so they share one plan.
+
+Given the leaves too, `plan_for` also checks what needs their shapes (on every call, since one
+treedef can hold arrays of many shapes): each stacked member's arrays share a leading axis. Its
+hints look at the model: a suggested pattern is one that selects nodes of this model, and a
+one-member group whose arrays share a leading axis is pointed to `tt.stack`.
 """
 
 import dataclasses
@@ -12,8 +17,9 @@ from typing import Any
 
 import jax
 
+from ._errors import format_type, is_array, leaf_type
 from ._paths import KeyPath, Segment, format_path, matches, nearest, parse_pattern, segments
-from ._placeholders import is_placeholder
+from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder
 from ._spec import Group, Selector, Stack, TieSpec, View
 
 
@@ -77,15 +83,72 @@ def flatten(tree: Any) -> tuple[list[KeyPath], list[Any], Any]:
     return keypaths, [leaf for _, leaf in with_paths], treedef
 
 
-def plan_for(spec: TieSpec, keypaths: Sequence[KeyPath], treedef: Any) -> Plan:
-    """The plan of `spec` on the structure `treedef` (cached on the spec)."""
+def plan_for(
+    spec: TieSpec, keypaths: Sequence[KeyPath], treedef: Any, leaves: Sequence[Any] | None = None
+) -> Plan:
+    """The plan of `spec` on the structure `treedef` (cached on the spec).
+
+    With `leaves` (full or packed), stacked members are checked to be layer stacks, and errors
+    give hints that depend on the arrays' shapes.
+    """
     if not isinstance(spec, TieSpec):
         raise TypeError(f"Expected a tietransform.TieSpec, got {type(spec).__name__}.")
     plan = spec._plans.get(treedef)
     if plan is None:
-        plan = _Resolver(spec, keypaths, treedef).plan()
+        plan = _Resolver(spec, keypaths, treedef, leaves).plan()
         spec._plans[treedef] = plan
+    if leaves is not None:
+        _check_layer_stacks(spec, plan, keypaths, treedef, leaves)
     return plan
+
+
+def full_shape(x: Any) -> tuple[int, ...] | None:
+    """The shape `x` has in the full model (placeholders included); `None` for non-arrays."""
+    if isinstance(x, StackedLeaf):
+        data = getattr(x.data, "shape", None)
+        return None if data is None else (len(x.rows), *tuple(data)[1:])
+    if isinstance(x, TiedLeaf):
+        return x.shape
+    return leaf_type(x)[0] if is_array(x) else None
+
+
+def _full_type(x: Any) -> str:
+    shape = full_shape(x)
+    if isinstance(x, StackedLeaf):
+        return format_type(shape or (), x.data.dtype)
+    if isinstance(x, TiedLeaf):
+        return format_type(x.shape, x.dtype)
+    return format_type(*leaf_type(x)[:2])
+
+
+def _check_layer_stacks(
+    spec: TieSpec, plan: Plan, keypaths: Sequence[KeyPath], treedef: Any, leaves: Sequence[Any]
+) -> None:
+    """Every array of one stacked member must share its leading axis: the layer axis."""
+    for group in plan.groups:
+        if group.kind != "stack":
+            continue
+        for member in group.members:
+            shapes = {i: full_shape(leaves[i]) for i in member.leaves}
+            lengths = {s[0] if s else None for s in shapes.values() if s is not None}
+            if len(lengths) <= 1:
+                continue
+            listing = "\n".join(
+                f"  {plan.paths[i]}  {_full_type(leaves[i])}"
+                for i in member.leaves
+                if shapes[i] is not None
+            )
+            decl = spec.groups[group.name]
+            hint = _Resolver(spec, keypaths, treedef, leaves).plain_group_hint(
+                group.name, getattr(decl, "selector", None), group.members
+            )
+            raise ValueError(
+                f"tt.stack group {group.name!r} selects {member.path}, whose arrays do not share "
+                "a leading axis, so it has no layer axis to tie along:\n"
+                f"{listing}\n"
+                "A stacked member holds `(L, ...)` arrays for `L` layers (a scan-over-layers "
+                f"model). {hint}"
+            )
 
 
 class _Marker:
@@ -96,8 +159,15 @@ class _Marker:
 
 
 class _Resolver:
-    def __init__(self, spec: TieSpec, keypaths: Sequence[KeyPath], treedef: Any):
+    def __init__(
+        self,
+        spec: TieSpec,
+        keypaths: Sequence[KeyPath],
+        treedef: Any,
+        leaves: Sequence[Any] | None = None,
+    ):
         self.spec = spec
+        self.leaves = leaves
         self.treedef = treedef
         self.keypaths = [tuple(k) for k in keypaths]
         self.segments = [segments(k) for k in self.keypaths]
@@ -135,6 +205,7 @@ class _Resolver:
             example = format_path(self.keypaths[0]) if self.keypaths else "blocks[0].mlp.weight"
             raise ValueError(
                 f"Pattern {pattern!r} of tie group {name!r} matches nothing in the model."
+                + self.stacked_hint(parsed)
                 + (f" Nearest paths: {', '.join(hint)}." if hint else "")
                 + f" Paths look like {example!r}; `*` matches one segment, `**` many."
             )
@@ -195,6 +266,123 @@ class _Resolver:
             )
         relative = tuple(self.segments[i][len(keys) :] for i in leaves)
         return Member(format_path(keys), keys, leaves, relative)
+
+    # -- hints (each names a declaration that selects nodes of this model) ------------------
+    def layer_length(self, member: Member) -> int | None:
+        """`L` if every array of `member` has the leading axis length `L >= 2` (known leaves)."""
+        if self.leaves is None:
+            return None
+        shapes = [full_shape(self.leaves[i]) for i in member.leaves]
+        lengths = {s[0] for s in shapes if s}
+        if len(lengths) != 1 or any(not s for s in shapes):
+            return None
+        (length,) = lengths
+        return length if length >= 2 else None
+
+    def sibling_pattern(self, member: Member) -> tuple[str, int] | None:
+        """A pattern that selects `member` and at least one more node of the same structure,
+        disjoint from it: one segment of its path made a wildcard (list indices first)."""
+        keys = member.keys
+        indices = [i for i, k in enumerate(keys) if isinstance(k, jax.tree_util.SequenceKey)]
+        others = [i for i in range(len(keys)) if i not in indices]
+        for position in [*indices, *others]:  # the outermost repetition first: blocks[*]
+            pattern = _wildcard_path(keys, position)
+            parsed = parse_pattern(pattern)
+            found = [self._member("", k) for k in self.nodes if matches(parsed, segments(k))]
+            leaves = [i for m in found for i in m.leaves]
+            if (
+                len(found) >= 2
+                and all(self._alike(m, member) for m in found)
+                and len(set(leaves)) == len(leaves)
+            ):
+                return pattern, len(found)
+        return None
+
+    def _alike(self, a: Member, b: Member) -> bool:
+        """Same structure, and (when the leaves are known) the same shapes and dtypes."""
+        if a.relative != b.relative:
+            return False
+        if self.leaves is None:
+            return True
+        types = [
+            [_full_type(x) if full_shape(x) is not None else None for x in map(self.leaf, m.leaves)]
+            for m in (a, b)
+        ]
+        return types[0] == types[1]
+
+    def leaf(self, index: int) -> Any:
+        assert self.leaves is not None
+        return self.leaves[index]
+
+    def twin(self, member: Member) -> Member | None:
+        """Another node disjoint from `member` with the same structure, if the model has one."""
+        for keys, leaves in self.nodes.items():
+            if keys == member.keys or set(leaves) & set(member.leaves):
+                continue
+            other = self._member("", keys)
+            if self._alike(other, member):
+                return other
+        return None
+
+    def one_member_hint(self, name: str, member: Member) -> str:
+        hints = []
+        sibling = self.sibling_pattern(member)
+        if sibling is not None:
+            hints.append(
+                f"TieSpec({name}={sibling[0]!r}) selects it and {sibling[1] - 1} more node(s) "
+                "like it."
+            )
+        stack = f"TieSpec({name}=tt.stack({member.path!r}))"
+        length = self.layer_length(member)
+        if length is not None and (sibling is None or len(member.leaves) >= 2):
+            hints.append(
+                f"Its arrays share a leading axis of length {length}: if that is a layer axis (a "
+                f"scan-over-layers model), tie the layers with {stack}."
+            )
+        elif self.leaves is None and sibling is None:
+            hints.append(f"If its arrays are stacked layers `(L, ...)`, tie them with {stack}.")
+        if not hints:
+            other = self.twin(member)
+            hints.append(
+                f"Name the members, e.g. TieSpec({name}=[{member.path!r}, {other.path!r}])."
+                if other is not None
+                else "No other node of this model has its structure, shapes and dtypes."
+            )
+        return " ".join(hints)
+
+    def plain_group_hint(
+        self, name: str, selector: Selector | None, members: Sequence[Member]
+    ) -> str:
+        """For a stack that selected unstacked blocks: the plain group that ties the blocks."""
+        same = all(m.relative == members[0].relative for m in members)
+        if len(members) >= 2 and same and isinstance(selector, str):
+            return f"To tie a list of blocks, use a plain group: TieSpec({name}={selector!r})."
+        if len(members) >= 2 and same:
+            return (
+                "To tie a list of blocks, use a plain group with the same selector: "
+                f"TieSpec({name}=<selector>)."
+            )
+        sibling = self.sibling_pattern(members[0])
+        if sibling is not None:
+            return f"To tie a list of blocks, use a plain group: TieSpec({name}={sibling[0]!r})."
+        return "To tie a list of blocks, use a plain group that selects each block."
+
+    def stacked_hint(self, parsed: Sequence[Segment]) -> str:
+        """For a wildcard pattern that matches nothing: the stacked node it may have meant."""
+        plain = [s for s in parsed if s not in ("*", "**")]
+        if len(plain) == len(parsed) or not plain:
+            return ""
+        for keys in self.nodes:
+            if not matches(plain, segments(keys)):
+                continue
+            path = format_path(keys)
+            if self.leaves is None:
+                return (
+                    f" If {path} holds stacked layers `(L, ...)`, tie them with tt.stack({path!r})."
+                )
+            if self.layer_length(self._member("", keys)):
+                return f" {path} holds stacked layers `(L, ...)`: tie them with tt.stack({path!r})."
+        return ""
 
     # -- checks ----------------------------------------------------------------------------
     def _check_disjoint(self, name: str, members: Sequence[Member]) -> None:
@@ -303,7 +491,7 @@ class _Resolver:
             if len(members) < 2:
                 raise ValueError(
                     f"Tie group {name!r} selects only one member ({members[0].path}); a tie needs "
-                    "at least two. Check the pattern, e.g. 'blocks[*].mlp'."
+                    f"at least two. {self.one_member_hint(name, members[0])}"
                 )
             canonical = self._pick_canonical(name, members, decl.canonical)
             readers = [m for m in members if m is not canonical]
@@ -331,6 +519,18 @@ class _Resolver:
             for leaf in member.leaves
         ]
         return GroupPlan(name, "stack", tuple(members), members[0]), stacks
+
+
+def _wildcard_path(keys: KeyPath, position: int) -> str:
+    """The path `keys` as a pattern, with the segment at `position` replaced by `*`."""
+    before, after = format_path(keys[:position]), format_path(keys[position + 1 :])
+    if before == "<root>":
+        text = "*"
+    else:
+        text = before + ("[*]" if isinstance(keys[position], jax.tree_util.SequenceKey) else ".*")
+    if after != "<root>":
+        text += after if after.startswith("[") else "." + after
+    return text
 
 
 def _path_of(tree: Any, obj: Any) -> KeyPath | None:

@@ -125,7 +125,7 @@ def _call(
     kwargs: dict,
 ) -> Any:
     keypaths, leaves, treedef = flatten(packed)
-    plan = plan_for(spec, keypaths, treedef)
+    plan = plan_for(spec, keypaths, treedef, leaves)
     if not any(is_placeholder(x) for x in leaves):
         raise ValueError(
             f"`{_name(fn)}` is tied and takes packed params, but it was given a full model (it "
