@@ -75,6 +75,19 @@ def test_tied_slices_of_a_stack_show_the_group_gradient_and_others_their_own(pro
     assert_trees_close(tt.unpack_grads(grads, SPEC)["layers"], expected, summands=3)
 
 
+def test_a_linear_view_computed_under_jit_needs_no_params(getkey):
+    # jnp.flip is a jitted function: its derivative is read through the inner jaxpr
+    spec = tt.TieSpec(flip=tt.view("w", "v", lambda w: 2.0 * jnp.flip(w, 0)))
+    w = jax.random.normal(getkey(), (4,))
+    packed = tt.pack({"w": w, "v": 2.0 * jnp.flip(w, 0)}, spec)
+    f = lambda p: jnp.sum(jnp.sin(p["w"]) * jnp.cos(p["v"]) * jnp.arange(4.0))  # noqa: E731
+    grads = jax.grad(tt.tie(f, spec))(packed)
+    g = jax.grad(f)(tt.unpack(packed, spec))
+    group = g["w"] + 2.0 * jnp.flip(g["v"], 0)  # pulled back through the view
+    shown = tt.unpack_grads(grads, spec)
+    assert_trees_close([shown["w"], shown["v"]], [group, 2.0 * jnp.flip(group, 0)], summands=2)
+
+
 def test_a_nonlinear_view_without_params_is_refused_naming_the_view():
     spec = tt.TieSpec(act=tt.view("w", "v", jnp.tanh))
     packed = tt.pack({"w": jnp.ones(3), "v": jnp.ones(3)}, spec)
