@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _compat
+from ._errors import is_array
 from ._pack import unpack
 from ._paths import format_path
 from ._placeholders import TiedLeaf, is_placeholder
@@ -78,24 +79,24 @@ def unpack_grads(grads: PyTree, spec: TieSpec, params: Any = None) -> PyTree:
     moving = [_is_float(x) for x in grad_leaves]
 
     def full_floats(moved: Sequence[Any]) -> list[Any]:
+        """The full model's leaves at the point moved to `moved`; `None` for non-float leaves."""
         moved_iter = iter(moved)
         leaves = [next(moved_iter) if m else x for x, m in zip(point_leaves, moving, strict=True)]
         full = unpack(jax.tree_util.tree_unflatten(treedef, leaves), spec)
-        return [x for x in jax.tree_util.tree_leaves(full) if _is_float(x)]
+        return [x if _is_float(x) else None for x in jax.tree_util.tree_leaves(full)]
 
     point = [x for x, m in zip(point_leaves, moving, strict=True) if m]
     tangent = [x for x, m in zip(grad_leaves, moving, strict=True) if m]
     if params is None:
         _refuse_point_dependent(full_floats, tangent, grads, shown)
     _, tangents_out = jax.jvp(full_floats, (point,), (tangent,))
-    out_iter = iter(tangents_out)
     shown_leaves, shown_treedef = jax.tree_util.tree_flatten(shown)
-    out = [next(out_iter) if _is_float(x) else x for x in shown_leaves]
+    out = [s if t is None else t for t, s in zip(tangents_out, shown_leaves, strict=True)]
     return jax.tree_util.tree_unflatten(shown_treedef, out)
 
 
 def _is_float(x: Any) -> bool:
-    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.inexact)
+    return is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
 def _point_leaves(params: Any, treedef: Any) -> list[Any]:
@@ -114,23 +115,22 @@ def _refuse_point_dependent(
     full_floats: Callable[[Sequence[Any]], list[Any]], tangent: list[Any], grads: Any, shown: Any
 ) -> None:
     """Raises, naming the first member whose shown gradient would depend on the params."""
-    closed = jax.make_jaxpr(lambda p, t: jax.jvp(full_floats, (p,), (t,))[1])(tangent, tangent)
+    closed, shapes = jax.make_jaxpr(
+        lambda p, t: jax.jvp(full_floats, (p,), (t,))[1], return_shape=True
+    )(tangent, tangent)
     jaxpr, _ = _compat.split_jaxpr(closed)
     tainted = [True] * len(tangent) + [False] * len(tangent)
     dependent = _depends_on(jaxpr, tainted)
     if not any(dependent):
         return
-    paths = [
-        format_path(path)
-        for path, x in jax.tree_util.tree_flatten_with_path(shown)[0]
-        if _is_float(x)
-    ]
-    packed = dict(
-        (format_path(path), x)
-        for path, x in jax.tree_util.tree_flatten_with_path(grads, is_leaf=is_placeholder)[0]
-    )
-    path = paths[dependent.index(True)]
-    leaf = packed.get(path)
+    positions = [i for i, shape in enumerate(shapes) if shape is not None]  # of the outvars
+    keys, _ = jax.tree_util.tree_flatten_with_path(shown)[0][positions[dependent.index(True)]]
+    path = format_path(keys)
+    placeholders = {
+        format_path(k): x
+        for k, x in jax.tree_util.tree_flatten_with_path(grads, is_leaf=is_placeholder)[0]
+    }
+    leaf = placeholders.get(path)
     what = (
         f"the function of view {leaf.group!r} (reading {leaf.source})"
         if isinstance(leaf, TiedLeaf)
