@@ -264,9 +264,12 @@ def test_separate_stacked_arrays_of_different_lengths_may_share_one_selector(get
         "b": {"w": jax.random.normal(getkey(), (5, 2))},
     }
     spec = tt.TieSpec(rows=tt.stack("*.w"))
-    check_tied(
-        lambda p, v: jnp.sum(jnp.sin(p["a"]["w"] @ v)) + jnp.sum(p["b"]["w"] @ v),
-        spec,
-        params,
-        jnp.ones(2),
-    )
+
+    def scan_rows(p, v):
+        def step(total, row):
+            return total + jnp.sin(row @ v), None
+
+        zero = jnp.zeros((), jnp.float32)
+        return jax.lax.scan(step, zero, p["a"]["w"])[0] + jax.lax.scan(step, zero, p["b"]["w"])[0]
+
+    check_tied(scan_rows, spec, params, jnp.ones(2))
