@@ -1,7 +1,10 @@
 """Test configuration shared by every suite.
 
-- JAX sees four CPU devices (for sharding tests) and runs with strict dtype promotion and rank
-  promotion errors, so a test cannot pass by accident
+- JAX sees four CPU devices (for sharding tests) unless `XLA_FLAGS` already sets
+  `--xla_force_host_platform_device_count` (CI also runs the suite with one). Tests that use
+  several devices are marked `multidevice`; they build their mesh from the devices there are, or
+  skip saying how many they need.
+- Strict dtype promotion and rank promotion errors, so a test cannot pass by accident
   through an implicit upcast or broadcast.
 - Hypothesis profiles follow JAX's own: `ci` (the default; bounded examples, derandomized, no
   deadline, no example database) and `dev` (many more examples). Choose with the environment
@@ -42,6 +45,12 @@ hypothesis.settings.register_profile(
     suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
 hypothesis.settings.load_profile(os.environ.get("TIETRANSFORM_HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "multidevice: uses a mesh of several devices (built from those there are)"
+    )
 
 
 @pytest.fixture

@@ -112,8 +112,19 @@ def test_tie_commutes_with_checkpoint(packed, x):
     assert_trees_close(got, want, summands=3)
 
 
+def _mesh(axis: str, axis_type: jax.sharding.AxisType, at_least: int = 1):
+    """A 1-D mesh over up to four of the devices there are (8 rows split evenly over 1, 2 or
+    4); skips when fewer than `at_least` are present."""
+    count = jax.device_count()
+    if count < at_least:
+        pytest.skip(f"needs {at_least} devices, found {count} (set XLA_FLAGS to force more)")
+    n = 4 if count >= 4 else 2 if count >= 2 else 1
+    return jax.make_mesh((n,), (axis,), axis_types=(axis_type,), devices=jax.devices()[:n])
+
+
+@pytest.mark.multidevice
 def test_tie_commutes_with_shard_map(getkey):
-    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = _mesh("data", jax.sharding.AxisType.Auto)
     spec = tt.TieSpec(g=["a", "b"])
     packed = tt.pack({"a": jax.random.normal(getkey(), (3, 3)), "b": jnp.zeros((3, 3))}, spec)
     xs = jax.device_put(jax.random.normal(getkey(), (8, 3)), NamedSharding(mesh, P("data")))
@@ -135,8 +146,9 @@ def test_tie_commutes_with_shard_map(getkey):
     )
 
 
+@pytest.mark.multidevice
 def test_tie_inside_user_shard_map_is_rewritten_with_its_body(getkey):
-    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = _mesh("data", jax.sharding.AxisType.Auto)
     spec = tt.TieSpec(g=["a", "b"])
     packed = tt.pack({"a": jax.random.normal(getkey(), (3,)), "b": jnp.zeros(3)}, spec)
     xs = jax.device_put(jax.random.normal(getkey(), (8, 3)), NamedSharding(mesh, P("data")))
@@ -157,8 +169,9 @@ def test_tie_inside_user_shard_map_is_rewritten_with_its_body(getkey):
     )
 
 
+@pytest.mark.multidevice
 def test_tie_keeps_explicit_shardings(getkey):
-    mesh = jax.make_mesh((4,), ("model",), axis_types=(jax.sharding.AxisType.Explicit,))
+    mesh = _mesh("model", jax.sharding.AxisType.Explicit)
     spec = tt.TieSpec(g=["a", "b"])
     sharding = NamedSharding(mesh, P(None, "model"))
     with jax.set_mesh(mesh):
@@ -175,8 +188,9 @@ def test_tie_keeps_explicit_shardings(getkey):
     assert jax.typeof(grads["a"]).sharding.spec == P(None, "model")
 
 
+@pytest.mark.multidevice
 def test_packing_a_stack_sharded_on_its_stacked_axis_under_an_explicit_mesh_names_it(getkey):
-    mesh = jax.make_mesh((4,), ("layers",), axis_types=(jax.sharding.AxisType.Explicit,))
+    mesh = _mesh("layers", jax.sharding.AxisType.Explicit, at_least=2)
     spec = tt.TieSpec(s=tt.stack("w", [0, 2]))
     with jax.set_mesh(mesh):
         w = jax.device_put(jax.random.normal(getkey(), (4, 3)), NamedSharding(mesh, P("layers")))

@@ -75,7 +75,13 @@ def _user_defaults():
     # library honest. The docs show what users type under JAX's defaults (optax, for one, mixes
     # Python floats with int32 step counts, which strict promotion refuses), so each page runs
     # under those defaults. Warnings stay errors: a page that shows a warning catches it itself.
-    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+    # Pages show what a CPU user sees (full-precision float32 matmuls, interpret-mode kernels),
+    # so they run on the CPU device whatever the machine.
+    with (
+        jax.numpy_dtype_promotion("standard"),
+        jax.numpy_rank_promotion("allow"),
+        jax.default_device(jax.devices("cpu")[0]),
+    ):
         yield
 
 

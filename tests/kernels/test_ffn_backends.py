@@ -13,6 +13,14 @@ from kernels.ffn._problem import Gated, Hidden
 from tests.kernels.helpers import Problem, assert_close, scan_loss, tolerance
 
 
+@pytest.fixture(autouse=True)
+def _on_cpu():
+    """The interpreters run on the CPU device, whatever the machine (the Mosaic GPU interpreter
+    models shared memory with host callbacks; float32 math at full precision)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 def _check_forward_and_gradients(data: Problem, n: int, **kw) -> None:
     params, x = data.params(), data.x()
     out = jax.jit(lambda p, x: data.apply(p, x, **kw))(params, x)
@@ -72,6 +80,29 @@ def test_mosaic_gpu_training_step_lowers_for_cuda_at_benchmark_shape(phi):
 def test_tpu_training_step_lowers_for_tpu_at_benchmark_shape(phi):
     text = _lower_training_step("tpu", phi, jnp.bfloat16, 512, 1024, 4096, "tpu")
     assert "tpu_custom_call" in text
+
+
+@pytest.mark.parametrize("block_m", [16, 100])
+def test_a_compiled_gpu_block_m_is_rounded_up_to_whole_wgmma_rows_and_lowers_for_cuda(block_m):
+    # WGMMA's accumulator has 64-row multiples; Mosaic GPU rejects 16 at verification.
+    blocks = _pallas_gpu.gpu_blocks(300, 256, 1, block_m, 64, compiled=True)
+    assert blocks.block_m % 64 == 0 and blocks.block_m >= block_m and blocks.block_h == 128
+    plan = _vjp.KernelPlan(Hidden(jax.nn.gelu), blocks, _pallas_gpu.forward, _pallas_gpu.backward)
+    dt = jnp.bfloat16
+    args = (
+        jax.ShapeDtypeStruct((300, 64), dt),
+        (jax.ShapeDtypeStruct((64, 256), dt),),
+        (None,),
+        jax.ShapeDtypeStruct((256, 64), dt),
+        None,
+    )
+
+    def step(x, ws, w_out):
+        loss = lambda *a: jnp.sum(_vjp.fused_ffn(plan, a[0], a[1], (None,), a[2], None))  # noqa: E731
+        return jax.grad(lambda *a: loss(*a).astype(jnp.float32), argnums=(0, 1, 2))(x, ws, w_out)
+
+    text = _compat.lower_for(step, "cuda", args[0], args[1], args[3]).as_text()
+    assert "mosaic_gpu" in text
 
 
 def test_gpu_kernels_fall_back_with_one_warning_for_float32():
