@@ -17,12 +17,21 @@ every lower digit, so it takes rounds of (causal) attention to propagate; digit 
 are drawn often, to make long carry chains common.
 
     python examples/universal_transformer.py [--n 4] [--width 64] [--steps 1500] [--seed 0]
+        [--precision float32|bfloat16|mixed]
+
+`--precision`: `float32` (the default; what trains best on CPU), `bfloat16` (weights, optimizer
+state and compute in bfloat16) or `mixed` (float32 master weights and optimizer state, cast to
+bfloat16 inside the loss: the usual mixed-precision recipe). On a GPU, `tie` serves the shared
+FFN with the fused kernel in bfloat16 and mixed (the Mosaic GPU kernels take 16-bit dtypes);
+the script prints what served it. Training shows a progress bar when `tqdm` is installed.
 """
 
 import argparse
 import dataclasses
+import math
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -81,7 +90,7 @@ class Attention(eqx.Module):
         seq, width = x.shape
         qkv = jax.vmap(self.norm)(x) @ self.qkv
         q, k, v = (a.reshape(seq, self.heads, -1) for a in jnp.split(qkv, 3, axis=-1))
-        scores = jnp.einsum("qhd,khd->hqk", q, k) / jnp.sqrt(jnp.float32(width // self.heads))
+        scores = jnp.einsum("qhd,khd->hqk", q, k) / math.sqrt(width // self.heads)
         causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
         weights = jax.nn.softmax(jnp.where(causal[None], scores, -jnp.inf), axis=-1)
         return jnp.einsum("hqk,khd->qhd", weights, v).reshape(seq, width) @ self.out
@@ -138,11 +147,13 @@ SPEC = tt.TieSpec(ffn=tt.stack("blocks.mlp"))
 """One FFN for all repetitions: every slice of `blocks.mlp` reads slice 0."""
 
 
-def describe_ffn_backend(packed: "UniversalTransformer", tokens: Array, targets: Array) -> str:
+def describe_ffn_backend(
+    packed: "UniversalTransformer", tokens: Array, targets: Array, precision: "Precision"
+) -> str:
     """Which implementation serves the shared FFN: traces the tied loss and reads
     `tt.ffn_routing_report` (on GPU/TPU `tie` routes the FFN to `kernels.ffn` by default)."""
     with tt.ffn_routing_report() as routed:
-        eqx.filter_eval_shape(tied_loss, packed, tokens, targets)
+        eqx.filter_eval_shape(tied_loss_for(precision), packed, tokens, targets)
     if routed:
         return "; ".join(str(site) for site in routed)
     return (
@@ -181,18 +192,51 @@ def addition_batch(
 # -- training ---------------------------------------------------------------------------------
 
 
+Precision = Literal["float32", "bfloat16", "mixed"]
+PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "mixed")
+
+
+def cast_floats(tree, dtype):
+    """Every floating array leaf of `tree` in `dtype` (other leaves as they are)."""
+
+    def cast(leaf):
+        if eqx.is_inexact_array(leaf):
+            return leaf.astype(dtype)
+        return leaf
+
+    return jax.tree.map(cast, tree)
+
+
 def loss_fn(
     model: UniversalTransformer, tokens: Int[Array, "batch seq"], targets: Int[Array, "batch seq"]
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    """Mean cross-entropy over all digits, and digit accuracy (as aux), written untied."""
-    logits = jax.vmap(model)(tokens)
+    """Mean cross-entropy over all digits, and digit accuracy (as aux), written untied.
+
+    Computes in the model's dtype; the cross-entropy is taken in float32."""
+    logits = jax.vmap(model)(tokens).astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
     accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32))
     return loss, accuracy
 
 
+def mixed_loss_fn(
+    model: UniversalTransformer, tokens: Int[Array, "batch seq"], targets: Int[Array, "batch seq"]
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """`loss_fn` on float32 master weights cast to bfloat16 here, inside the loss: gradients
+    come back in float32, through the casts."""
+    return loss_fn(cast_floats(model, jnp.bfloat16), tokens, targets)
+
+
 tied_loss = tt.tie(loss_fn, SPEC)
 """`loss_fn` on packed params: every repetition reads the one FFN."""
+tied_mixed_loss = tt.tie(mixed_loss_fn, SPEC)
+"""`mixed_loss_fn` on packed params: the cast of the stacked FFN stays one buffer (per slice)."""
+
+
+def tied_loss_for(precision: Precision) -> Callable:
+    """The tied loss a precision trains: bfloat16 keeps bfloat16 params, mixed casts float32
+    ones."""
+    return tied_mixed_loss if precision == "mixed" else tied_loss
 
 
 @dataclasses.dataclass
@@ -208,13 +252,19 @@ class Metrics:
     packed: UniversalTransformer
 
 
-def make_step(optimizer: optax.GradientTransformation, batch: int, digits: int) -> Callable:
+def make_step(
+    optimizer: optax.GradientTransformation,
+    batch: int,
+    digits: int,
+    precision: Precision = "float32",
+) -> Callable:
     """The jitted training step `(packed, opt_state, key) -> (packed, opt_state, loss, acc)`."""
+    objective = tied_loss_for(precision)
 
     @eqx.filter_jit
     def step(packed, opt_state, key):
         tokens, targets = addition_batch(key, batch, digits)
-        loss_and_grad = eqx.filter_value_and_grad(tied_loss, has_aux=True)
+        loss_and_grad = eqx.filter_value_and_grad(objective, has_aux=True)
         (loss, accuracy), grads = loss_and_grad(packed, tokens, targets)
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(packed, eqx.is_array))
         return eqx.apply_updates(packed, updates), opt_state, loss, accuracy
@@ -224,10 +274,15 @@ def make_step(optimizer: optax.GradientTransformation, batch: int, digits: int) 
 
 @eqx.filter_jit
 def evaluate(
-    packed: UniversalTransformer, key: PRNGKeyArray, batch: int, digits: int
+    packed: UniversalTransformer,
+    key: PRNGKeyArray,
+    batch: int,
+    digits: int,
+    compute_dtype: jnp.dtype = jnp.dtype(jnp.float32),
 ) -> tuple[Array, Array]:
     """Held-out digit accuracy and exact-match accuracy (every digit of the sum right)."""
     tokens, targets = addition_batch(key, batch, digits)
+    packed = cast_floats(packed, compute_dtype)
     logits = tt.tie(lambda model, x: jax.vmap(model)(x), SPEC)(packed, tokens)
     correct = jnp.argmax(logits, axis=-1) == targets
     exact = jnp.all(correct, axis=-1)
@@ -255,22 +310,32 @@ def train(
     lr: float = 3e-3,
     seed: int = 0,
     log_every: int = 50,
+    precision: Precision = "float32",
     progress: bool = False,
     verbose: bool = False,
 ) -> Metrics:
-    """Train the tied Universal Transformer on addition; return the metrics and the packed model."""
+    """Train the tied Universal Transformer on addition; return the metrics and the packed model.
+
+    `precision`: see the module docstring."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
     k_model, k_train, k_eval = jax.random.split(jax.random.key(seed), 3)
     packed = tt.pack(_build_jitted(n, width, digits, k_model), SPEC)
+    if precision == "bfloat16":
+        packed = cast_floats(packed, jnp.bfloat16)
+    compute_dtype = jnp.dtype(jnp.float32 if precision == "float32" else jnp.bfloat16)
     if verbose:
         print(tt.describe(packed, SPEC))
-        sample_tokens, sample_targets = addition_batch(k_eval, 2, digits)
-        print(f"FFN served by: {describe_ffn_backend(packed, sample_tokens, sample_targets)}")
+        sample = addition_batch(k_eval, 2, digits)
+        print(f"FFN served by: {describe_ffn_backend(packed, *sample, precision)}")
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps)
     optimizer = optax.adamw(schedule, weight_decay=0.01)
     opt_state = optimizer.init(eqx.filter(packed, eqx.is_array))
-    step = make_step(optimizer, batch, digits)
+    step = make_step(optimizer, batch, digits, precision)
     logged: tuple[list[int], list[float], list[float]] = ([], [], [])
     bar = _progress_bar(steps) if progress else None
+    if verbose:
+        print(f"compiling the {precision} training step (the first step waits for it)...")
     start = time.perf_counter()
     for i, key in enumerate(jax.random.split(k_train, steps)):
         packed, opt_state, loss, accuracy = step(packed, opt_state, key)
@@ -283,14 +348,18 @@ def train(
             bar.update()
     if bar is not None:
         bar.close()
-    heldout, exact = evaluate(packed, k_eval, 4096, digits)
+    heldout, exact = evaluate(packed, k_eval, 4096, digits, compute_dtype)
     seconds = time.perf_counter() - start
     return Metrics(*logged, float(heldout), float(exact), seconds, packed)
 
 
 def _progress_bar(steps: int):
-    from tqdm import tqdm  # only for the progress bar; the example trains without it
-
+    """A tqdm bar, or None (training without one) when tqdm is not installed."""
+    try:
+        from tqdm import tqdm  # only for the progress bar; the example trains without it
+    except ImportError:
+        print(f"training {steps} steps (install tqdm for a progress bar)")
+        return None
     return tqdm(total=steps, desc="train", unit="step")
 
 
@@ -303,11 +372,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="float32 (default), bfloat16, or mixed (float32 weights, bfloat16 compute)",
+    )
     args = parser.parse_args()
     if args.n < 2:
         parser.error("--n must be at least 2: with one repetition there is nothing to share.")
     device = jax.devices()[0].device_kind
-    print(f"jax {jax.__version__} on {device}; {args.n} repetitions, width {args.width}")
+    print(
+        f"jax {jax.__version__} on {device}; {args.n} repetitions, width {args.width}, "
+        f"{args.precision}"
+    )
     metrics = train(**vars(args), progress=True, verbose=True)
     print(f"training loss {metrics.losses[0]:.3f} -> {metrics.losses[-1]:.4f}")
     print(

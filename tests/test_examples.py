@@ -5,10 +5,12 @@ import pathlib
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import kernels
 import tietransform as tt
 from tests.helpers import array_bytes
 from tietransform.testing import check_tied
@@ -58,3 +60,33 @@ def test_packed_params_and_adam_state_hold_one_mlp(tiny):
     with jax.numpy_dtype_promotion("standard"):
         state = optax.adam(1e-3).init(eqx.filter(packed, eqx.is_array))
     assert array_bytes(state) == 2 * array_bytes(packed) + 4  # mu, nu and the int32 step count
+
+
+def test_mixed_precision_keeps_float32_masters_and_routes_the_ffn_as_a_bfloat16_site(tiny):
+    # Traced only (no compile): the report and the gradient dtypes are known at trace time.
+    model, tokens, targets = tiny
+    packed = tt.pack(model, ut.SPEC)
+    routed_loss = tt.tie(ut.mixed_loss_fn, ut.SPEC, fuse_ffn="interpret")
+    with tt.ffn_routing_report() as routed:
+        grads = eqx.filter_eval_shape(
+            eqx.filter_grad(routed_loss, has_aux=True), packed, tokens, targets
+        )
+    assert [r.served_by for r in routed] == ["kernels.ffn[interpret]"]
+    assert routed[0].shape.startswith("FFN bfloat16[")
+    assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
+def test_the_default_ffn_shape_is_one_the_mosaic_gpu_kernels_serve_in_bfloat16():
+    width = 64  # the demo's default; hidden is 4 * width
+    s = jax.ShapeDtypeStruct
+    x, ws, w2 = (
+        s((64, width), jnp.bfloat16),
+        (s((width, 4 * width), jnp.bfloat16),),
+        s((4 * width, width), jnp.bfloat16),
+    )
+    assert kernels.ffn_support(x, ws, w2, implementation="interpret", backend="gpu").reason is None
+
+
+def test_an_unknown_precision_is_refused_before_training():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ut.train(n=2, width=16, digits=3, steps=1, precision="float8")  # type: ignore[arg-type]
