@@ -13,11 +13,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._errors import describe_leaf, format_type, is_array, leaf_type
-from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder
+from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder, is_restored_placeholder
+from ._record import (
+    Layout,
+    fingerprint,
+    fn_name,
+    format_layout,
+    record_of,
+    record_shape,
+    stack_layout,
+    tie_layout,
+)
 from ._resolve import Plan, StackSlot, TieSlot
 
 
 _REPACK = "Pack the params with `tt.pack(params, spec)`, using the same spec you pass here."
+_CONVERT = (
+    "To use params packed under another spec with this one, convert them: "
+    "`tt.pack(tt.unpack(params, old_spec), new_spec)`."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,31 +79,42 @@ def _check_slot(plan: Plan, slot: TieSlot, leaves: Sequence[Any]) -> bool:
             "Select array leaves (or subtrees whose arrays line up) in the declaration."
         )
     source = leaf_type(leaves[slot.canonical])
+    want = source if slot.fn is None else _view_type(plan, slot, source)
+    wrong = [r for r in slot.readers if leaf_type(leaves[r]) != want]
+    if not wrong:
+        return True
+    weak = all(leaf_type(leaves[r])[:2] == want[:2] for r in wrong)
+    weak_hint = (
+        "They differ only in weak type; create the arrays with an explicit dtype "
+        "(e.g. `jnp.asarray(x, jnp.float32)`)."
+    )
     if slot.fn is None:
-        expected = [source] * len(slot.readers)
-        problem = "must have the same shape and dtype"
-    else:
-        expected = [_view_type(plan, slot, source)] * len(slot.readers)
-        problem = "must fit the output of its view"
-    for reader, want in zip(slot.readers, expected, strict=True):
-        got = leaf_type(leaves[reader])
-        if got != want:
-            weak = got[:2] == want[:2]
-            raise ValueError(
-                f"Members of tie group {slot.group!r} {problem}. Got:\n"
-                f"{_types_listing(plan, leaves, indices)}\n"
-                + (
-                    "They differ only in weak type; create the arrays with an explicit dtype "
-                    "(e.g. `jnp.asarray(x, jnp.float32)`)."
-                    if weak
-                    else "Declare a view (e.g. `tt.view(src, dst, jnp.transpose)`) if a transform "
-                    "is intended."
-                )
+        raise ValueError(
+            f"Members of tie group {slot.group!r} must have the same shape and dtype. Got:\n"
+            f"{_types_listing(plan, leaves, indices)}\n"
+            + (
+                weak_hint
+                if weak
+                else "Declare a view (e.g. `tt.view(src, dst, jnp.transpose)`) if a transform "
+                "is intended."
             )
-    return True
+        )
+    raise ValueError(
+        f"Members of tie group {slot.group!r} must fit the output of its view: "
+        f"{fn_name(slot.fn)}({plan.paths[slot.canonical]}) gives {format_type(*want)} (from "
+        f"{format_type(*source)}), but the members are:\n{_types_listing(plan, leaves, wrong)}\n"
+        + (
+            weak_hint
+            if weak
+            else "Fix the view's function so that it returns each member's shape and dtype, or "
+            "select other members."
+        )
+    )
 
 
-def _view_type(plan: Plan, slot: TieSlot, source: tuple[Any, ...]) -> tuple[Any, ...]:
+def _view_type(
+    plan: Plan, slot: TieSlot, source: tuple[Any, ...]
+) -> tuple[tuple[int, ...], np.dtype, bool]:
     shape, dtype, weak = source
     assert slot.fn is not None
     try:
@@ -181,6 +206,7 @@ def _normalise_slices(stack: StackSlot, path: str, length: int) -> tuple[int, ..
 
 def full_layout(plan: Plan, leaves: Sequence[Any]) -> FullLayout:
     """Checks a full model's leaves against `plan`; raises `ValueError` naming what is wrong."""
+    refuse_restored_without_target(plan, leaves)
     for path, leaf in zip(plan.paths, leaves, strict=True):
         if is_placeholder(leaf):
             raise ValueError(
@@ -195,8 +221,102 @@ def _show(leaf: Any) -> str:
     return repr(leaf) if is_placeholder(leaf) else describe_leaf(leaf)
 
 
+def tie_layouts(plan: Plan) -> dict[str, Layout]:
+    """The layout of each plain tie and view group of `plan`, as its placeholders record it."""
+    fns = {slot.group: slot.fn for slot in plan.slots}
+    return {
+        g.name: tie_layout(
+            g.kind, g.name, [m.path for m in g.members], g.canonical.path, fns.get(g.name)
+        )
+        for g in plan.groups
+        if g.kind != "stack"
+    }
+
+
+def stack_record_layout(stack: StackLayout) -> Layout:
+    """The layout a `StackedLeaf` packed as `stack` records."""
+    kept = {g: stack.kept[stack.rows[tied[0]]] for g, tied in stack.slices.items()}
+    return stack_layout(len(stack.rows), stack.slices, kept)
+
+
+def refuse_restored_without_target(plan: Plan, leaves: Sequence[Any]) -> None:
+    """Raises if placeholders became plain dicts, as in a checkpoint restored without a target."""
+    restored = [i for i, x in enumerate(leaves) if is_restored_placeholder(x)]
+    if restored:
+        paths = ", ".join(plan.paths[i] for i in restored[:3])
+        raise ValueError(
+            f"These params were restored without a target: {paths}"
+            f"{' ...' if len(restored) > 3 else ''} "
+            f"{'is a plain dict' if len(restored) == 1 else 'are plain dicts'} "
+            f"({sorted(leaves[restored[0]])}) where packing put a TiedLeaf or StackedLeaf, so the "
+            "tie layout is gone. Restore the checkpoint into a packed target instead, e.g. "
+            "`checkpointer.restore(path, target)` with `target` built by "
+            "`tt.pack(new_model(), spec)` (see the checkpoints guide)."
+        )
+
+
+def _packed_under(leaves: Sequence[Any], expected: Sequence[Layout]) -> str:
+    """Both layouts, for messages: what the placeholders record, and what the spec makes."""
+    found = list(
+        dict.fromkeys(
+            format_layout(x.layout)
+            for x in leaves
+            if isinstance(x, TiedLeaf | StackedLeaf) and x.layout is not None
+        )
+    )
+    shown = "; ".join(found[:3]) + (" ..." if len(found) > 3 else "")
+    return (
+        f"\n  packed under: {shown or 'no recorded layout'}"
+        f"\n  this spec:    {'; '.join(dict.fromkeys(format_layout(x) for x in expected))}\n"
+    )
+
+
+def _check_record(path: str, value: TiedLeaf | StackedLeaf, expected: Layout, source: str) -> None:
+    """Raises unless the layout record of `value` (data, e.g. from a file) is `expected`'s."""
+    found = record_of(value.record)
+    want = record_shape(fingerprint(expected, source))
+    if found == want:
+        return
+    if found is None:
+        raise ValueError(
+            f"The packed params have lost a layout record: {path} holds {value!r} whose record "
+            f"(the zero-size array under its key `layout_...`) is {value.record!r}; was it "
+            "filtered out before saving? Put the records back from a packed skeleton, e.g. "
+            "`eqx.combine(restored, skeleton)`, or pack the params again with "
+            "`tt.pack(params, spec)`."
+        )
+    own = None if value.layout is None else record_shape(fingerprint(value.layout, source))
+    if found == own:
+        raise ValueError(
+            f"The packed params were packed under another layout: {path} was packed under "
+            f"{format_layout(value.layout)}; this spec makes it {format_layout(expected)}. "
+            f"{_CONVERT}"
+        )
+    loaded_into = (
+        "a skeleton packed under this spec"
+        if value.layout == expected
+        else f"a skeleton packed under {format_layout(value.layout)}"
+    )
+    raise ValueError(
+        f"The packed params were packed under another layout: the arrays at {path} carry the "
+        f"layout record {format_type(found, np.float32)}, which is not this spec's "
+        f"({format_layout(expected)}, record {format_type(want, np.float32)}). They were saved "
+        f"under another spec and loaded into {loaded_into}. Load them into a skeleton packed "
+        "under the spec they were saved with, then convert them: "
+        "`tt.pack(tt.unpack(params, old_spec), new_spec)`."
+    )
+
+
 def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
-    """Checks packed leaves against `plan`; raises `ValueError` naming what does not match."""
+    """Checks packed leaves against `plan`; raises `ValueError` naming what does not match.
+
+    Besides the structure (which leaves are placeholders, what they read), each placeholder's
+    layout record must be the one this spec gives it: the record is data, so this catches arrays
+    saved under one spec and loaded into a skeleton packed under another. Shapes only: it runs
+    at trace time under `jit`.
+    """
+    refuse_restored_without_target(plan, leaves)
+    layouts = tie_layouts(plan)
     slots = []
     expected_placeholders: set[int] = set()
     for slot in plan.slots:
@@ -205,24 +325,21 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
         if not any(is_placeholder(r) or is_array(r) for r in readers) and not is_array(canonical):
             if not slot.member_is_leaf:
                 continue  # a non-array leaf inside tied subtrees, left alone by `pack`.
+        source = plan.paths[slot.canonical]
         for reader, value in zip(slot.readers, readers, strict=True):
             if not (
-                isinstance(value, TiedLeaf)
-                and value.group == slot.group
-                and value.source == plan.paths[slot.canonical]
+                isinstance(value, TiedLeaf) and value.group == slot.group and value.source == source
             ):
                 raise ValueError(
                     f"The packed params do not match the spec: {plan.paths[reader]} holds "
-                    f"{_show(value)} where "
-                    f"tie group {slot.group!r} expects a TiedLeaf reading "
-                    f"{plan.paths[slot.canonical]}. {_REPACK}"
+                    f"{_show(value)} where tie group {slot.group!r} expects a TiedLeaf reading "
+                    f"{source}.{_packed_under(leaves, [layouts[slot.group]])}{_REPACK} {_CONVERT}"
                 )
         if not is_array(canonical):
             raise ValueError(
-                f"The packed params do not match the spec: the canonical leaf "
-                f"{plan.paths[slot.canonical]} of tie group {slot.group!r} holds "
-                f"{_show(canonical)}, "
-                f"not an array. {_REPACK}"
+                f"The packed params do not match the spec: the canonical leaf {source} of tie "
+                f"group {slot.group!r} holds {_show(canonical)}, not an array."
+                f"{_packed_under(leaves, [layouts[slot.group]])}{_REPACK} {_CONVERT}"
             )
         if slot.fn is None:
             have = leaf_type(canonical)
@@ -231,7 +348,7 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
                 # canonical buffer, as they would from every member of an untied model.
                 if (value.shape, value.dtype) != have[:2]:
                     raise ValueError(
-                        f"The packed params do not match the spec: {plan.paths[slot.canonical]} "
+                        f"The packed params do not match the spec: {source} "
                         f"is {format_type(*have)} but was packed as "
                         f"{format_type(value.shape, value.dtype, value.weak_type)} (its reader "
                         f"{plan.paths[reader]}). {_REPACK}"
@@ -247,8 +364,17 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
         if is_placeholder(leaf) and index not in expected_placeholders:
             raise ValueError(
                 f"The packed params do not match the spec: {path} holds {leaf!r}, but no tie "
-                f"group of this spec covers it. {_REPACK}"
+                f"group of this spec covers it.{_packed_under(leaves, list(layouts.values()))}"
+                f"{_REPACK} {_CONVERT}"
             )
+    # The structure fits; now the records (data, e.g. from a file) must be this spec's too.
+    for slot in slots:
+        for reader in slot.readers:
+            _check_record(
+                plan.paths[reader], leaves[reader], layouts[slot.group], plan.paths[slot.canonical]
+            )
+    for leaf, stack in stacks.items():
+        _check_record(plan.paths[leaf], leaves[leaf], stack_record_layout(stack), "")
     return PackedLayout(tuple(slots), stacks)
 
 
@@ -258,14 +384,17 @@ def _check_stacked_leaf(path: str, value: Any, stacks: Sequence[StackSlot]) -> S
     if not isinstance(value, StackedLeaf) or set(value.groups) != groups:
         raise ValueError(
             f"The packed params do not match the spec: {path} holds "
-            f"{value!r} where tie groups {sorted(groups)} expect a StackedLeaf. {_REPACK}"
+            f"{_show(value)} where tie groups {sorted(groups)} expect a StackedLeaf. "
+            f"{_REPACK} {_CONVERT}"
         )
     expected = _stack_layout(stacks, path, len(value.rows))
     if value.rows != expected.rows:
         raise ValueError(
             f"The packed params do not match the spec: {path} was packed with other tied slices "
             f"or another canonical slice (slice i reads stored row {list(value.rows)}[i]; this "
-            f"spec stores {list(expected.rows)}). {_REPACK}"
+            f"spec stores {list(expected.rows)}).\n"
+            f"  packed under: {format_layout(value.layout)}\n"
+            f"  this spec:    {format_layout(stack_record_layout(expected))}\n{_CONVERT}"
         )
     shape = leaf_type(value.data)[0] if is_array(value.data) else None
     if not shape or shape[0] != len(expected.kept):

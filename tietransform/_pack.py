@@ -9,8 +9,16 @@ import numpy as np
 
 from . import _compat
 from ._errors import describe_leaf, leaf_type
-from ._layout import FullLayout, full_layout, full_leaves, packed_layout
+from ._layout import (
+    FullLayout,
+    full_layout,
+    full_leaves,
+    packed_layout,
+    stack_record_layout,
+    tie_layouts,
+)
 from ._placeholders import StackedLeaf, TiedLeaf
+from ._record import fingerprint, new_record
 from ._resolve import Plan, flatten, plan_for
 from ._spec import TieSpec
 
@@ -37,10 +45,12 @@ def pack(
     **Returns:**
 
     A pytree of the same type. Each group's canonical leaves keep their values; every other member
-    leaf becomes a [`tietransform.TiedLeaf`][] (a pytree node with no leaves), and each stacked
-    array with tied slices becomes a [`tietransform.StackedLeaf`][] holding only its distinct
-    slices. `jax.tree.leaves` of the result therefore lists one array per buffer, and so do
-    gradients, optimizer states and checkpoints made from it.
+    leaf becomes a [`tietransform.TiedLeaf`][], and each stacked array with tied slices becomes a
+    [`tietransform.StackedLeaf`][] holding only its distinct slices. `jax.tree.leaves` of the
+    result therefore lists one array per buffer, and so do gradients, optimizer states and
+    checkpoints made from it, plus one zero-size float32 *layout record* per placeholder (no
+    bytes; its shape fingerprints the layout, so that params loaded under another spec are
+    refused; see the checkpoints guide).
 
     **Raises:**
 
@@ -54,10 +64,17 @@ def pack(
     if require_equal:
         _check_equal(plan, layout, leaves)
     out = [_copy(x) if copy else x for x in leaves]
+    layouts = tie_layouts(plan)
     for slot in layout.slots:
+        source, group_layout = plan.paths[slot.canonical], layouts[slot.group]
+        record = fingerprint(group_layout, source)
         for reader in slot.readers:
             out[reader] = TiedLeaf(
-                slot.group, plan.paths[slot.canonical], *leaf_type(leaves[reader])
+                slot.group,
+                source,
+                *leaf_type(leaves[reader]),
+                layout=group_layout,
+                record=new_record(record),
             )
     for leaf, stack in layout.stacks.items():
         try:
@@ -70,7 +87,15 @@ def pack(
                 "model before sharding that axis and shard the StackedLeaf's data afterwards, or "
                 f"replicate the stacked axis. ({type(error).__name__}: {error})"
             ) from error
-        out[leaf] = StackedLeaf(data, stack.rows, stack.groups, leaf_type(leaves[leaf])[2])
+        recorded = stack_record_layout(stack)
+        out[leaf] = StackedLeaf(
+            data,
+            stack.rows,
+            stack.groups,
+            leaf_type(leaves[leaf])[2],
+            layout=recorded,
+            record=new_record(fingerprint(recorded)),
+        )
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -90,7 +115,9 @@ def unpack(packed: PyTree, spec: TieSpec) -> PyTree:
 
     **Raises:**
 
-    `ValueError` if `packed` does not have the structure that `pack(params, spec)` produces.
+    `ValueError` if `packed` does not have the structure that `pack(params, spec)` produces, if
+    it was packed under another layout (its layout records say so, e.g. a checkpoint saved under
+    another spec), or if it was restored without a target (its placeholders became dicts).
     """
     keypaths, leaves, treedef = flatten(packed)
     plan = plan_for(spec, keypaths, treedef)
