@@ -218,3 +218,13 @@ def test_require_equal_treats_nan_as_equal_to_nan_in_every_float_dtype():
         x = jnp.array([jnp.nan, 1.0], dtype)
         packed = tt.pack({"a": x, "b": x}, tt.TieSpec(g=["a", "b"]), require_equal=True)
         assert isinstance(packed["b"], tt.TiedLeaf)
+
+
+def test_a_view_that_does_not_fit_shows_what_the_view_gives_and_what_the_members_are():
+    spec = tt.TieSpec(head=tt.view("emb", "head", lambda w: w.T.astype(jnp.bfloat16)))
+    with pytest.raises(ValueError, match="must fit the output of its view") as error:
+        tt.pack({"emb": jnp.ones((3, 4)), "head": jnp.ones((4, 3))}, spec)
+    message = str(error.value)
+    assert "<lambda>(emb) gives bf16[4,3] (from f32[3,4])" in message
+    assert "  head  f32[4,3]" in message
+    assert "Declare a view" not in message  # one was declared

@@ -1,0 +1,66 @@
+"""Placeholders are not arrays: using one as an array says to tie or unpack the model first."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tietransform as tt
+from tests.helpers import Tower
+
+
+NOT_AN_ARRAY = r"is a placeholder in packed params, not an array(.|\n)*tt\.tie(.|\n)*tt\.unpack"
+SPEC = tt.TieSpec(ffn="blocks[*].mlp")
+
+
+def test_calling_a_packed_equinox_model_says_to_tie_or_unpack_it(getkey):
+    packed = tt.pack(Tower(2, key=getkey()), SPEC)
+    x = jnp.ones(8)
+    with pytest.raises(TypeError, match=NOT_AN_ARRAY):
+        packed(x)
+    with pytest.raises(TypeError, match=NOT_AN_ARRAY):
+        packed.blocks[1].mlp.layers[0](x)  # an eqx.nn.Linear whose weight is tied
+    with pytest.raises(TypeError, match=NOT_AN_ARRAY):
+        eqx.filter_jit(lambda m, x: m(x))(packed, x)
+
+
+@pytest.fixture(params=["TiedLeaf", "StackedLeaf"])
+def placeholder(request):
+    if request.param == "TiedLeaf":
+        return tt.pack({"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}, tt.TieSpec(g=["a", "b"]))[
+            "b"
+        ]
+    return tt.pack({"w": jnp.ones((3, 2))}, tt.TieSpec(s=tt.stack("w")))["w"]
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda p: jnp.ones(2) @ p,
+        lambda p: p @ jnp.ones(2),
+        lambda p: p + 1.0,
+        lambda p: 2.0 * p,
+        lambda p: -p,
+        lambda p: p[0],
+        lambda p: np.asarray(p),
+        lambda p: jnp.asarray(p),
+        lambda p: list(p),
+    ],
+    ids=["x @ p", "p @ x", "p + 1", "2 * p", "-p", "p[0]", "np.asarray", "jnp.asarray", "iter"],
+)
+def test_using_a_placeholder_as_an_array_raises_a_type_error_saying_what_to_do(placeholder, use):
+    with pytest.raises(TypeError, match=NOT_AN_ARRAY):
+        use(placeholder)
+
+
+def test_array_attributes_of_a_placeholder_say_what_to_do(placeholder):
+    with pytest.raises(AttributeError, match=NOT_AN_ARRAY):
+        placeholder.T  # noqa: B018
+    assert not hasattr(placeholder, "astype")
+
+
+def test_a_placeholder_record_is_reachable_by_its_key(placeholder):
+    (path, record), *_ = reversed(jax.tree_util.tree_flatten_with_path(placeholder)[0])
+    assert path[-1].name.startswith("layout_") and record.size == 0
+    assert getattr(placeholder, path[-1].name) is record
