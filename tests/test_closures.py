@@ -33,6 +33,11 @@ TRANSFORMS = {
     "jit": lambda f: lambda p, x: _split(f)(jax.jit, p, x),
     "grad": lambda f: lambda p, x: _split(f)(jax.grad, p, x),
     "vmap": lambda f: lambda p, x: _split(f)(lambda g: jax.vmap(g, in_axes=(None, 0)), p, x[None]),
+    "vmap_over_params": lambda f: (
+        lambda p, x: eqx.filter_vmap(f, in_axes=(eqx.if_array(0), None))(
+            jax.tree.map(lambda a: jnp.stack([a, a]) if eqx.is_array(a) else a, p), x
+        )
+    ),
     "filter_jit": lambda f: lambda p, x: eqx.filter_jit(f)(p, x),
     "filter_grad": lambda f: lambda p, x: eqx.filter_grad(f)(p, x),
     "jit_of_grad_of_vmap": lambda f: (
