@@ -161,7 +161,6 @@ def checkpointer():
     return ocp.StandardCheckpointer()
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # orbax's own notices about its defaults
 def test_orbax_restore_with_a_packed_target_round_trips(checkpointer, tmp_path, getkey):
     spec = tt.TieSpec(
         ffn="blocks[*].mlp",
@@ -177,7 +176,6 @@ def test_orbax_restore_with_a_packed_target_round_trips(checkpointer, tmp_path, 
     assert float(loss(restored, x)) == float(loss(packed, x))
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("case", CASES)
 def test_orbax_refuses_a_packed_target_of_another_layout(case, checkpointer, tmp_path):
     saved_under, loaded_under = CASES[case]
@@ -189,7 +187,6 @@ def test_orbax_refuses_a_packed_target_of_another_layout(case, checkpointer, tmp
         checkpointer.restore(tmp_path / "ckpt", target)
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_orbax_restore_without_a_target_is_refused_by_unpack_describe_and_tie(
     checkpointer, tmp_path
 ):
