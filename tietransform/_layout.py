@@ -248,8 +248,8 @@ def refuse_restored_without_target(plan: Plan, leaves: Sequence[Any]) -> None:
             f"These params were restored without a target: {paths}"
             f"{' ...' if len(restored) > 3 else ''} "
             f"{'is a plain dict' if len(restored) == 1 else 'are plain dicts'} "
-            f"(keys {sorted(leaves[restored[0]])}) where packing put a TiedLeaf or StackedLeaf, so the "
-            "tie layout is gone. Restore the checkpoint into a packed target instead, e.g. "
+            f"(keys {sorted(leaves[restored[0]])}) where packing put a TiedLeaf or StackedLeaf, "
+            "so the tie layout is gone. Restore the checkpoint into a packed target instead, e.g. "
             "`checkpointer.restore(path, target)` with `target` built by "
             "`tt.pack(new_model(), spec)` (see the checkpoints guide)."
         )

@@ -7,8 +7,10 @@ source path, shape, dtype, layout) is static aux data, so packing a rebuilt mode
 treedef and `jax.jit` does not retrace. The record (see `_record.py`) is data, so a checkpoint
 loader fills it from the file: it says which layout the loaded arrays were packed under.
 
-They are not arrays: arithmetic, indexing and NumPy conversion raise a `TypeError` that says to
-call the model through `tt.tie` or to `tt.unpack` it first.
+They are not arrays: arithmetic, indexing, iteration and conversion (`np.asarray`,
+`jnp.asarray`) raise a `TypeError` that says to call the model through `tt.tie` or to `tt.unpack`
+it first. (`jnp` functions such as `jnp.tanh(placeholder)` raise JAX's own `TypeError` naming the
+type: JAX 0.10-0.12 no longer call `__jax_array__` there, so no hook gives a better message.)
 """
 
 from typing import Any

@@ -61,6 +61,7 @@ def stack_layout(length: int, slices: dict[str, tuple[int, ...]], kept: dict[str
     return ("stack", int(length), tuple((g, tuple(s), int(kept[g])) for g, s in slices.items()))
 
 
+@functools.lru_cache(maxsize=4096)  # checked for every placeholder on every (traced) call
 def fingerprint(layout: Layout, source: str = "") -> str:
     """16 hex digits from a stable hash of `layout` (and a TiedLeaf's source leaf path)."""
     text = repr((layout, source)).encode()
