@@ -340,8 +340,9 @@ def train(
     for i, key in enumerate(jax.random.split(k_train, steps)):
         packed, opt_state, loss, accuracy = step(packed, opt_state, key)
         if i % log_every == 0 or i == steps - 1:
-            for column, value in zip(logged, (i, float(loss), float(accuracy)), strict=True):
-                column.append(value)
+            logged[0].append(i)
+            logged[1].append(float(loss))
+            logged[2].append(float(accuracy))
             if bar is not None:
                 bar.set_postfix(loss=f"{logged[1][-1]:.3f}", acc=f"{logged[2][-1]:.3f}")
         if bar is not None:
@@ -364,7 +365,7 @@ def _progress_bar(steps: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--n", type=int, default=4, help="repetitions (one shared FFN)")
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--digits", type=int, default=8)

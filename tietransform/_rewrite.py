@@ -145,7 +145,8 @@ def evaluate(
     tied = [False] * len(args) if tied is None else list(tied)
     tied = [t or _is_lazy(a) for t, a in zip(tied, args, strict=True)]
     tied_vars = {v for v, t in zip(jaxpr.invars, tied, strict=True) if t}
-    sites = {}
+    sites: dict[int, Any] = {}
+    decisions: dict[int, Any] = {}
     if routing is not None:
         tied_vars = tied_through_casts(jaxpr, tied_vars)
         found = find_ffn_sites(jaxpr, tied_vars)
