@@ -1,104 +1,104 @@
-"""Property tests: random pytrees, random groups (patterns, paths, where, views, stacks), random
-shapes and dtypes. Every tied result is compared with the untied function at the materialised
-model."""
+"""Property tests over models drawn the way users write them (see tests/strategies.py): several
+groups, views and stacks at once over Equinox modules or dicts, read through matmuls, `vmap`,
+`cond`, `scan` and `checkpoint`, under random compositions of `jit`/`grad`/`vmap`. Every tied
+result is compared with the untied function at the model materialised by the test's own
+semantics (not by `tt.unpack`), and every gradient with the untied gradients summed over members.
+
+Examples are costly mostly through XLA compilation (each drawn function is new), so the number of
+examples comes from the hypothesis profile (`ci` bounded, `dev` many); the costlier secondary
+properties run half the profile's examples.
+"""
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
 from jax.test_util import check_grads
 
 import tietransform as tt
-from tests.helpers import assert_trees_close, hlo_parameter_count
-from tietransform.testing import check_tied
-from tietransform.testing.strategies import TiedProblem, tied_problems
+from tests.helpers import assert_trees_close, hlo_parameter_count, tolerance
+from tests.strategies import Problem, get, problems, transformed
 
 
-def _tied(problem: TiedProblem):
+_HALF = settings(max_examples=max(1, settings.default.max_examples // 2))
+
+
+def _buffer(tree: object, path: tuple) -> jax.Array:
+    node = get(tree, path)
+    return node.data if isinstance(node, tt.StackedLeaf) else node
+
+
+def _assert_grads_match(problem: Problem, packed_grads: object, full_grads: object) -> None:
+    """Each packed buffer's gradient equals the sum of its members' untied gradients.
+
+    Normwise: max |got - expected| <= tolerance(float32, members) * (sum of the members'
+    max |gradient|). Both sides add the same float32 terms, in different orders, once per member
+    (JAX's autodiff accumulates a buffer's reads; the reference sums members in float64), so the
+    difference is a reassociation error of `members` float32 additions.
+    """
+    problems = []
+    for path, (expected, scale, members) in problem.expected_grads(full_grads).items():
+        got = np.asarray(_buffer(packed_grads, path), np.float64)
+        assert got.shape == expected.shape, (path, got.shape, expected.shape)
+        error = float(np.max(np.abs(got - expected), initial=0.0)) / max(scale, 1e-30)
+        if not error <= tolerance(jnp.float32, members):
+            problems.append(f"{path}: error {error:.3g} > {tolerance(jnp.float32, members):.3g}")
+    assert not problems, "\n".join(problems)
+
+
+@given(problems())
+def test_tied_values_and_gradients_equal_the_untied_reference_summed_over_members(problem):
     packed = tt.pack(problem.params, problem.spec)
-    return packed, tt.tie(problem.fn, problem.spec)
+    full = problem.materialise(problem.params)
+    # "highest": an f32 matmul is f32 on every backend, so the tolerances below hold anywhere.
+    with jax.default_matmul_precision("highest"):
+        tied = transformed(tt.tie(problem.fn, problem.spec), problem.transforms)
+        reference = transformed(problem.fn, problem.transforms)
+        value, grads = jax.value_and_grad(tied)(packed, problem.x)
+        expected_value, full_grads = jax.value_and_grad(reference)(full, problem.x)
+    # The same float32 operations on the same values: equal up to XLA's reassociation.
+    assert_trees_close(value, expected_value)
+    _assert_grads_match(problem, grads, full_grads)
 
 
-def _untied(problem: TiedProblem):
-    return lambda packed, *args: problem.fn(tt.unpack(packed, problem.spec), *args)
+@given(problems(transforms=False))
+def test_unpack_of_pack_is_the_model_with_members_replaced_by_their_canonical_values(problem):
+    packed = tt.pack(problem.params, problem.spec)
+    expected = problem.materialise(problem.params)
+    got = tt.unpack(packed, problem.spec)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        # unpack applies the same view functions to the same arrays: equal to float32 rounding.
+        np.testing.assert_allclose(a, b, rtol=tolerance(jnp.float32), atol=0)
+    # One array per buffer: the members are gone, stacks keep their distinct slices.
+    stored = sum(np.size(x) for x in jax.tree.leaves(packed))
+    members = sum(int(np.prod(get(problem.params, t.member).shape)) for t in problem.ties)
+    repeated = sum(
+        (len(rows) - len(set(rows))) * int(np.prod(get(problem.params, path).shape[1:]))
+        for path, rows in problem.stacks.items()
+    )
+    assert stored == sum(x.size for x in jax.tree.leaves(problem.params)) - members - repeated
 
 
-@given(tied_problems(dtypes=(jnp.float32, jnp.bfloat16)))
-def test_tied_values_and_gradients_match_the_untied_reference(problem):
-    check_tied(problem.fn, problem.spec, problem.params, *problem.args)
-
-
-@given(tied_problems())
-@settings(max_examples=6)
+@given(problems(transforms=False))
+@_HALF
 def test_tied_gradients_match_finite_differences_in_float64(problem):
     with jax.enable_x64(True):
-        problem = _as_f64(problem)
-        packed, tied = _tied(problem)
-        check_grads(
-            lambda p: tied(p, *problem.args),
-            (packed,),
-            order=1,
-            modes=["rev"],
-            atol=1e-7,
-            rtol=1e-7,
-        )
+        params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), problem.params)
+        packed = tt.pack(params, problem.spec)
+        tied = tt.tie(problem.fn, problem.spec)
+        x = jnp.asarray(np.asarray(problem.x, np.float64))
+        # Central differences in float64 with step 1e-3 (check_grads' default for f64 is 1e-3
+        # too): truncation error O(eps^2) ~ 1e-6 relative for these O(1) smooth functions.
+        check_grads(lambda p: tied(p, x), (packed,), order=1, modes=["rev"], atol=1e-5, rtol=1e-5)
 
 
-def _as_f64(problem: TiedProblem) -> TiedProblem:
-    to_f64 = lambda a: jnp.asarray(np.asarray(a, np.float64))  # noqa: E731
-    params = jax.tree.map(to_f64, problem.params)
-    return TiedProblem(
-        params, problem.spec, problem.fn, jax.tree.map(to_f64, problem.args), problem.description
-    )
-
-
-@given(tied_problems())
-def test_tie_commutes_with_jit(problem):
-    packed, tied = _tied(problem)
-    assert_trees_close(
-        jax.jit(tied)(packed, *problem.args), jax.jit(_untied(problem))(packed, *problem.args)
-    )
-    grad_tied = jax.jit(jax.grad(tied))(packed, *problem.args)
-    grad_untied = jax.jit(jax.grad(_untied(problem)))(packed, *problem.args)
-    assert_trees_close(grad_tied, grad_untied, summands=5)
-
-
-@given(tied_problems(), st.integers(1, 3))
-def test_tie_commutes_with_vmap(problem, batch):
-    packed, tied = _tied(problem)
-    xs = jnp.stack([problem.args[0] + i for i in range(batch)])
-    assert_trees_close(
-        jax.vmap(tied, (None, 0))(packed, xs), jax.vmap(_untied(problem), (None, 0))(packed, xs)
-    )
-
-
-@given(tied_problems())
-@settings(max_examples=6)
-def test_tie_commutes_with_scan_and_checkpoint(problem):
-    packed, tied = _tied(problem)
-
-    def run(f):
-        def step(p, _):
-            value, grads = jax.value_and_grad(jax.checkpoint(f))(p, *problem.args)
-            return jax.tree.map(lambda a, g: a - 0.01 * g, p, grads), value
-
-        return jax.lax.scan(step, packed, length=2)
-
-    assert_trees_close(run(tied), run(_untied(problem)), summands=5)
-
-
-@given(tied_problems(views=False, stacks=False))
-@settings(max_examples=6)
+@given(problems(transforms=False))
+@_HALF
 def test_compiled_program_has_one_parameter_per_buffer(problem):
-    packed, tied = _tied(problem)
-    buffers = len(jax.tree.leaves(eqx.filter(packed, eqx.is_array)))
-    compiled = jax.jit(tied).lower(packed, *problem.args).compile().as_text()
-    assert hlo_parameter_count(compiled) == buffers + len(problem.args)
-    full = tt.unpack(packed, problem.spec)
-    untied = jax.jit(problem.fn).lower(full, *problem.args).compile().as_text()
-    assert (
-        hlo_parameter_count(untied)
-        == len(jax.tree.leaves(full)) + len(problem.args)
-        > buffers + len(problem.args)
-    )
+    packed = tt.pack(problem.params, problem.spec)
+    # Zero-size arrays (the placeholders' layout records) hold no numbers: not buffers.
+    buffers = sum(x.size > 0 for x in jax.tree.leaves(eqx.filter(packed, eqx.is_array)))
+    compiled = jax.jit(tt.tie(problem.fn, problem.spec)).lower(packed, problem.x).compile()
+    assert hlo_parameter_count(compiled.as_text()) == buffers + 1

@@ -1,0 +1,398 @@
+"""Hypothesis strategies that draw tied models the way users write them.
+
+A drawn [`Problem`][] is a model (an Equinox module or nested dicts; blocks as modules or dicts),
+a spec with several declarations at once (plain groups over whole blocks or single leaves, by
+pattern, explicit paths or `where`, any canonical member; views through random functions, some
+chained onto a plain group's member; several stacks with random slices), a reading function that
+reads members more than once, through matmuls, inside `vmap`, `lax.cond`, `lax.scan` and
+`jax.checkpoint`, and a random composition of `jit`/`grad`/`vmap` to apply around it.
+
+The strategies draw structure and seeds only; arrays come from
+`jax.random.normal(jax.random.key(seed), shape)`. Every array has side `d` in {2, 3} (stacks add a
+layer axis of 3 or 4), so eager primitives compile for a handful of shapes and then hit JAX's
+cache: examples stay cheap.
+
+Independently of tietransform, each problem knows its own tying, leaf by leaf (`Problem.ties`,
+`Problem.stacks`): `materialise` builds the model every member of which holds its canonical value
+(through its view), and `expected_grads` sums the untied gradients of a buffer's members (pulled
+back through each view with `jax.vjp`; over tied slices for stacks) in float64 NumPy.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import strategies as st
+from jax import lax
+
+import tietransform as tt
+
+
+Path = tuple[str | int, ...]
+
+
+class Block(eqx.Module):
+    """One layer `h -> tanh(w @ h + b)`: `w` is `(d, d)`, `b` is `(d,)`."""
+
+    w: jax.Array
+    b: jax.Array
+
+
+class Net(eqx.Module):
+    """The module form of a drawn model; the dict form has the same keys."""
+
+    towers: list[list[Any]]
+    emb: jax.Array
+    heads: list[jax.Array]
+    stacks: list[jax.Array]
+
+
+def get(tree: Any, path: Path) -> Any:
+    """The node at `path` (dict keys, list indices and attribute names alike)."""
+    for key in path:
+        tree = tree[key] if isinstance(tree, dict | list | tuple) else getattr(tree, key)
+    return tree
+
+
+def text(path: Path) -> str:
+    """`path` as tietransform prints it: `towers[0][1].w`."""
+    out = ""
+    for key in path:
+        out += f"[{key}]" if isinstance(key, int) else (("." if out else "") + key)
+    return out
+
+
+def with_leaves(tree: Any, values: dict[Path, Any]) -> Any:
+    """`tree` with the leaves at the given paths replaced (dicts and modules alike)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out = []
+    for keypath, leaf in leaves:
+        path = tuple(_key(k) for k in keypath)
+        out.append(values.get(path, leaf))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _key(key: Any) -> str | int:
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return key.idx
+    if isinstance(key, jax.tree_util.DictKey):
+        return key.key
+    return key.name
+
+
+# ---------------------------------------------------------------------------------------------
+# View functions: a small set of what users tie through. Each maps a (d, d) source to a target.
+
+VIEW_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "transpose": jnp.transpose,
+    "affine": lambda w: 0.5 * w + 0.25,
+    "tanh": jnp.tanh,
+    "reshape": lambda w: jnp.reshape(w, (-1,)),
+    "flip": lambda w: -w[::-1],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tie:
+    """Leaf `member` reads `fn(source)` (`source` itself when `fn` is None)."""
+
+    member: Path
+    source: Path
+    fn: Callable[[jax.Array], jax.Array] | None = None
+
+
+def materialise(params: Any, ties: tuple[Tie, ...], stacks: dict[Path, tuple[int, ...]]) -> Any:
+    """`params` with every member replaced by its canonical value (through its view), and slice
+    `i` of each stacked leaf by slice `rows[i]`. `ties` lists sources before their readers."""
+    values: dict[Path, Any] = {}
+    read = lambda p: values.get(p, get(params, p))  # noqa: E731
+    for tie in ties:
+        source = read(tie.source)
+        values[tie.member] = source if tie.fn is None else tie.fn(source)
+    for path, rows in stacks.items():
+        values[path] = get(params, path)[np.asarray(rows)]
+    return with_leaves(params, values)
+
+
+def kept(rows: tuple[int, ...]) -> tuple[int, ...]:
+    """The distinct slices of a stacked leaf, in index order (the rows `pack` keeps)."""
+    return tuple(sorted(set(rows)))
+
+
+def expected_grads(
+    full_grads: Any, at: Any, ties: tuple[Tie, ...], stacks: dict[Path, tuple[int, ...]]
+) -> dict[Path, tuple[np.ndarray, float, int]]:
+    """Per packed buffer: (expected gradient in float64, scale, number of summed members).
+
+    A buffer's gradient is the sum of its members' untied gradients `full_grads` (pulled back
+    through views with `jax.vjp` at the materialised model `at`); a stacked leaf's kept slice sums
+    the slices tied to it. `scale` is the sum of the summands' magnitudes (for normwise errors).
+    """
+    grads: dict[Path, list[np.ndarray]] = {}
+    for keypath, g in jax.tree_util.tree_flatten_with_path(full_grads)[0]:
+        grads[tuple(_key(k) for k in keypath)] = [np.asarray(g, np.float64)]
+    for tie in reversed(ties):  # readers before their sources.
+        for g in grads.pop(tie.member):
+            if tie.fn is not None:
+                source = get(at, tie.source)
+                g = jax.vjp(tie.fn, source)[1](jnp.asarray(g, source.dtype))[0]
+            grads[tie.source].append(np.asarray(g, np.float64))
+    out = {}
+    for path, parts in grads.items():
+        if path in stacks:
+            rows = np.asarray(stacks[path])
+            (g,) = parts
+            summed = np.stack([g[rows == k].sum(0) for k in kept(stacks[path])])
+            scale = max(
+                float(np.abs(g[rows == k]).max(initial=0.0)) * int((rows == k).sum())
+                for k in kept(stacks[path])
+            )
+            out[path] = (summed, scale, int(np.bincount(rows).max()))
+        else:
+            scale = sum(float(np.abs(p).max(initial=0.0)) for p in parts)
+            out[path] = (np.sum(parts, axis=0), scale, len(parts))
+    return out
+
+
+@dataclasses.dataclass
+class Problem:
+    """A drawn model, spec, reading function and transformation stack.
+
+    **Attributes:**
+
+    - `params`: the full model (dicts or `Net`/`Block` modules).
+    - `spec`: the drawn `tt.TieSpec`.
+    - `fn`: `(params, x) -> scalar`, x of shape `(d,)`, reading every leaf.
+    - `x`: the input, `(d,)` float32.
+    - `transforms`: names from `TRANSFORMS`, innermost first.
+    - `ties`: leaf-level ties, sources before their readers.
+    - `stacks`: stacked leaf path -> `rows`: slice `i` of the full array is slice `rows[i]`.
+    - `description`: what was drawn, for failure messages.
+    """
+
+    params: Any
+    spec: tt.TieSpec
+    fn: Callable[..., jax.Array]
+    x: jax.Array
+    transforms: tuple[str, ...]
+    ties: tuple[Tie, ...]
+    stacks: dict[Path, tuple[int, ...]]
+    description: str
+
+    def materialise(self, params: Any) -> Any:
+        return materialise(params, self.ties, self.stacks)
+
+    def expected_grads(self, full_grads: Any) -> dict[Path, tuple[np.ndarray, float, int]]:
+        return expected_grads(full_grads, self.materialise(self.params), self.ties, self.stacks)
+
+    def __repr__(self) -> str:
+        return f"Problem({self.description})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading functions.
+
+WRAPPERS = ("plain", "twice", "vmap", "cond", "scan", "checkpoint")
+
+
+def _layer(block: Any, h: jax.Array) -> jax.Array:
+    w, b = (block["w"], block["b"]) if isinstance(block, dict) else (block.w, block.b)
+    return jnp.tanh(w @ h + b)
+
+
+def _tower(blocks: list[Any], h: jax.Array) -> jax.Array:
+    for block in blocks:
+        h = _layer(block, h)
+    return h
+
+
+def _wrapped(wrapper: str, f: Callable[[jax.Array], jax.Array]) -> Callable:
+    """`f: (d,) -> (d,)` read inside one of the higher-order primitives users write."""
+    if wrapper == "plain":
+        return f
+    if wrapper == "twice":
+        return lambda h: f(f(h))
+    if wrapper == "vmap":
+        return lambda h: jnp.mean(jax.vmap(f)(jnp.stack([h, -0.5 * h])), axis=0)
+    if wrapper == "cond":
+        return lambda h: lax.cond(h[0] > 0, f, lambda v: 0.5 * f(v[::-1]), h)
+    if wrapper == "scan":
+        return lambda h: lax.scan(lambda c, _: (f(c), None), h, length=2)[0]
+    if wrapper == "checkpoint":
+        return jax.checkpoint(f)
+    raise AssertionError(wrapper)
+
+
+def make_fn(
+    tower_wrappers: tuple[str, ...], stack_wrappers: tuple[str, ...], d: int
+) -> Callable[[Any, jax.Array], jax.Array]:
+    """`fn(params, x)`: x passes through every tower (each inside its wrapper), the embedding and
+    each head as matmuls, and a scan over each stack; returns `1 + sum(h**2) / d`."""
+
+    def fn(params: Any, x: jax.Array) -> jax.Array:
+        p = (lambda k: params[k]) if isinstance(params, dict) else (lambda k: getattr(params, k))
+        h = jnp.tanh(p("emb") @ x)
+        for blocks, wrapper in zip(p("towers"), tower_wrappers, strict=True):
+            h = _wrapped(wrapper, lambda v, blocks=blocks: _tower(blocks, v))(h)
+        for head in p("heads"):
+            h = jnp.tanh(jnp.reshape(head, (d, d)) @ h) + h * jnp.sum(jnp.sin(head))
+        for stacked, wrapper in zip(p("stacks"), stack_wrappers, strict=True):
+            body = lambda c, w: (jnp.tanh(w @ c), None)  # noqa: E731
+            if wrapper == "checkpoint":
+                body = jax.checkpoint(body)
+            h = lax.scan(body, h, stacked)[0]
+        return 1.0 + jnp.sum(h * h) / d
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformation stacks. Each maps `F(params, x) -> scalar` to another such function; the test
+# takes `value_and_grad` with respect to params around the result.
+
+TRANSFORMS = ("jit", "vmap", "grad_x", "checkpoint")
+
+
+def transformed(f: Callable, names: tuple[str, ...]) -> Callable:
+    for name in names:
+        if name == "jit":
+            f = jax.jit(f)
+        elif name == "vmap":
+            f = (lambda g: lambda p, x: jnp.mean(jax.vmap(g, (None, 0))(p, jnp.stack([x, -x]))))(f)
+        elif name == "grad_x":
+            f = (lambda g: lambda p, x: g(p, x) + jnp.sum(jax.grad(g, argnums=1)(p, x) ** 2))(f)
+        elif name == "checkpoint":
+            f = jax.checkpoint(f)
+        else:
+            raise AssertionError(name)
+    return f
+
+
+# ---------------------------------------------------------------------------------------------
+# The strategy.
+
+
+@st.composite
+def problems(draw: st.DrawFn, *, transforms: bool = True) -> Problem:
+    """A [`Problem`][]: see the module docstring for what is drawn."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    d = draw(st.sampled_from([2, 3]))
+    as_module = draw(st.booleans())
+    blocks_as_modules = draw(st.booleans())
+    keys = iter(jax.random.split(jax.random.key(seed), 64))
+
+    def normal(shape: tuple[int, ...]) -> jax.Array:
+        return jax.random.normal(next(keys), shape, jnp.float32)
+
+    def block() -> Any:
+        w, b = normal((d, d)), normal((d,))
+        return Block(w, b) if blocks_as_modules else {"w": w, "b": b}
+
+    tower_sizes = draw(st.lists(st.integers(2, 3), min_size=1, max_size=2))
+    towers = [[block() for _ in range(n)] for n in tower_sizes]
+    stack_lengths = draw(st.lists(st.integers(3, 4), max_size=2))
+    stacks = [normal((n, d, d)) for n in stack_lengths]
+
+    declarations: dict[str, Any] = {}
+    description: list[str] = []
+    ties: list[Tie] = []
+    plain_members: list[tuple[Path, Path]] = []  # (member leaf, its canonical leaf)
+
+    for t, n in enumerate(tower_sizes):
+        if not draw(st.booleans()):
+            continue
+        chosen = sorted(draw(st.sets(st.integers(0, n - 1), min_size=2, max_size=n)))
+        leaf = draw(st.sampled_from([(), ("w",), ("b",)]))
+        form = draw(st.sampled_from(["pattern", "paths", "where"]))
+        canonical = draw(st.none() | st.integers(0, len(chosen) - 1))
+        paths = [("towers", t, i, *leaf) for i in chosen]
+        if form == "pattern" and len(chosen) == n:
+            members: Any = text(("towers", t)) + "[*]" + "".join(f".{k}" for k in leaf)
+        elif form == "where":
+            members = lambda m, paths=paths: [get(m, q) for q in paths]  # noqa: E731
+        else:
+            members = [text(q) for q in paths]
+        if draw(st.booleans()) and canonical is not None and form != "where":
+            canonical_arg: Any = text(paths[canonical])
+        else:
+            canonical_arg = canonical
+        name = f"tower{t}"
+        declarations[name] = tt.group(members, canonical=canonical_arg)
+        shown = members if isinstance(members, str | list) else f"where{[text(q) for q in paths]}"
+        description.append(f"{name}=group({shown}, canonical={canonical_arg!r})")
+        source = paths[canonical or 0]
+        for q in paths:
+            if q == source:
+                continue
+            for sub in [()] if leaf else [("w",), ("b",)]:
+                ties.append(Tie((*q, *sub), (*source, *sub)))
+                plain_members.append(((*q, *sub), (*source, *sub)))
+
+    heads = []
+    tied = {m for m, _ in plain_members} | {c for _, c in plain_members}
+    untied_weights = [("towers", t, i, "w") for t, n in enumerate(tower_sizes) for i in range(n)]
+    sources: list[Path] = [("emb",)] + [q for q in untied_weights if q not in tied]
+    for v in range(draw(st.integers(0, 2))):
+        fn_name = draw(st.sampled_from(sorted(VIEW_FNS)))
+        # The embedding, or the weight of a block that no group ties (read by its block too).
+        source_path = sources.pop(draw(st.integers(0, len(sources) - 1)) if v else 0)
+        shape = jax.eval_shape(VIEW_FNS[fn_name], jax.ShapeDtypeStruct((d, d), jnp.float32)).shape
+        targets = [("heads", len(heads) + j) for j in range(draw(st.integers(1, 2)))]
+        heads.extend(normal(shape) for _ in targets)
+        declarations[f"view{v}"] = tt.view(
+            text(source_path), [text(t) for t in targets], VIEW_FNS[fn_name]
+        )
+        description.append(
+            f"view{v}=view({text(source_path)}, {[text(t) for t in targets]}, {fn_name})"
+        )
+        ties.extend(Tie(t, source_path, VIEW_FNS[fn_name]) for t in targets)
+        if not sources:
+            break
+
+    stack_rows: dict[Path, tuple[int, ...]] = {}
+    for s, n in enumerate(stack_lengths):
+        if not draw(st.booleans()):
+            continue
+        slices = sorted(draw(st.sets(st.integers(0, n - 1), min_size=2, max_size=n)))
+        canonical = draw(st.none() | st.sampled_from(slices))
+        negative = draw(st.booleans())
+        written = [i - n for i in slices] if negative else slices
+        declarations[f"stack{s}"] = tt.stack(text(("stacks", s)), written, canonical=canonical)
+        description.append(f"stack{s}=stack(L={n}, slices={written}, canonical={canonical})")
+        kept = slices[0] if canonical is None else canonical
+        stack_rows[("stacks", s)] = tuple(kept if i in slices else i for i in range(n))
+
+    if not declarations:  # at least one tie: fall back to tying the first tower's weights.
+        paths = [("towers", 0, i, "w") for i in range(tower_sizes[0])]
+        declarations["tower0"] = tt.group(text(("towers", 0)) + "[*].w")
+        description.append(f"tower0=group({text(('towers', 0))}[*].w)")
+        ties.extend(Tie(q, paths[0]) for q in paths[1:])
+
+    parts = {"towers": towers, "emb": normal((d, d)), "heads": heads, "stacks": stacks}
+    params = Net(**parts) if as_module else parts
+    tower_wrappers = tuple(draw(st.sampled_from(WRAPPERS)) for _ in towers)
+    stack_wrappers = tuple(draw(st.sampled_from(["plain", "checkpoint"])) for _ in stacks)
+    names: tuple[str, ...] = ()
+    if transforms:  # at most one `grad_x`: second derivatives of second derivatives cost more.
+        names = tuple(draw(st.lists(st.sampled_from(TRANSFORMS), max_size=2)))
+        if names.count("grad_x") > 1:
+            names = ("grad_x", "jit")
+    description.append(
+        f"d={d}, {'Net' if as_module else 'dict'} of {'Block' if blocks_as_modules else 'dict'}"
+        f" blocks, towers={tower_sizes} read {tower_wrappers}, stacks={stack_lengths} read "
+        f"{stack_wrappers}, transforms={names}"
+    )
+    return Problem(
+        params=params,
+        spec=tt.TieSpec(declarations),
+        fn=make_fn(tower_wrappers, stack_wrappers, d),
+        x=normal((d,)),
+        transforms=names,
+        ties=tuple(ties),
+        stacks=stack_rows,
+        description="; ".join(description),
+    )
