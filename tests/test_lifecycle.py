@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from hypothesis import note, settings, strategies as st
+from hypothesis.errors import InvalidArgument
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import tietransform as tt
@@ -136,6 +137,7 @@ class ModelLife(RuleBasedStateMachine):
         self.opt = "sgd"
         self.opt_state: Any = None
         self.ref_state: Any = None
+        self.refusals: list[str] = []
 
     def teardown(self) -> None:
         for name in os.listdir(self.dir):
@@ -172,6 +174,13 @@ class ModelLife(RuleBasedStateMachine):
         with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 steps
             self.opt_state = _optimizer(opt).init(eqx.filter(packed, eqx.is_array))
             self.ref_state = _optimizer(opt).init(self._buffers())
+
+    def _refused(self, message: str) -> None:
+        self.refusals.append(message)
+        try:
+            note(message)
+        except InvalidArgument:  # replayed outside hypothesis (the regression test below)
+            pass
 
     # -- rules -----------------------------------------------------------------------------------
     @initialize(seed=st.integers(0, 2**16), spec=specs, opt=st.sampled_from(["sgd", "adam"]))
@@ -216,13 +225,13 @@ class ModelLife(RuleBasedStateMachine):
             restored = eqx.tree_deserialise_leaves(path, like)
         except RuntimeError as error:  # Equinox: a leaf whose shape changed, or a missing leaf
             assert spec != saved_spec, f"the same spec's checkpoint failed to load: {error}"
-            note(f"load under {spec!r} of a {saved_spec!r} checkpoint: eqx refused: {error}")
+            self._refused(f"load under {spec!r} of a {saved_spec!r} checkpoint: eqx: {error}")
             return
         try:
             full = tt.unpack(restored, SPECS[spec][0])
         except (ValueError, TypeError) as error:
             assert spec != saved_spec, f"the same spec's checkpoint was refused: {error}"
-            note(f"load under {spec!r} of a {saved_spec!r} checkpoint: refused: {error}")
+            self._refused(f"load under {spec!r} of a {saved_spec!r} checkpoint: {error}")
             return
         _assert_close(full, saved_truth, f"a {saved_spec!r} checkpoint loaded under {spec!r}")
         self.truth = dict(saved_truth)
@@ -266,6 +275,9 @@ def test_a_checkpoint_saved_under_one_group_is_not_loaded_silently_under_another
         life.pack_a_fresh_model(seed=0, spec="t=[a,b]", opt="sgd")
         life.save()
         life.load(spec="t=[b,c]", skeleton="concrete", seed=1)
+        life.the_model_equals_the_untied_reference()  # refused, or loaded as saved
+        life.repack(spec="t=[b,c]", opt="adam")
+        life.optimizer_step()
         life.the_model_equals_the_untied_reference()
     finally:
         life.teardown()
