@@ -2,15 +2,16 @@
 
 A drawn [`Problem`][] is a model (an Equinox module or nested dicts; blocks as modules or dicts),
 a spec with several declarations at once (plain groups over whole blocks or single leaves, by
-pattern, explicit paths or `where`, any canonical member; views through random functions, some
-chained onto a plain group's member; several stacks with random slices), a reading function that
-reads members more than once, through matmuls, inside `vmap`, `lax.cond`, `lax.scan` and
+pattern, explicit paths or `where`, any canonical member by path or position; views through random
+functions with one or two targets, from the embedding or from a block weight that no group ties;
+several stacks with random slices, negative or not), a reading function that reads members more
+than once, through matmuls, inside `vmap`, `lax.cond`, `lax.scan` and
 `jax.checkpoint`, and a random composition of `jit`/`grad`/`vmap` to apply around it.
 
 The strategies draw structure and seeds only; arrays come from
 `jax.random.normal(jax.random.key(seed), shape)`. Every array has side `d` in {2, 3} (stacks add a
-layer axis of 3 or 4), so eager primitives compile for a handful of shapes and then hit JAX's
-cache: examples stay cheap.
+layer axis of 3 or 4), so eager primitives see a handful of shapes and JAX's caches serve them;
+control flow and `jit` still compile once per drawn function, which is most of an example's cost.
 
 Independently of tietransform, each problem knows its own tying, leaf by leaf (`Problem.ties`,
 `Problem.stacks`): `materialise` builds the model every member of which holds its canonical value
