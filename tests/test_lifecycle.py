@@ -191,8 +191,9 @@ class ModelLife(RuleBasedStateMachine):
     @precondition(lambda self: self.packed is not None)
     @rule()
     def optimizer_step(self) -> None:
-        value, grads = _tied_value_and_grad(self.spec)(self.packed)
-        expected_value, full_grads = _reference_value_and_grad(self.truth)
+        with jax.default_matmul_precision("highest"):  # f32 matmuls, not TF32 on GPUs
+            value, grads = _tied_value_and_grad(self.spec)(self.packed)
+            expected_value, full_grads = _reference_value_and_grad(self.truth)
         assert np.allclose(value, expected_value, rtol=1e-5), (value, expected_value)
         _, ties, stacks = SPECS[self.spec]
         summed = expected_grads(full_grads, self.truth, tuple(ties), stacks)
