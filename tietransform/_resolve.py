@@ -336,8 +336,8 @@ class _Resolver:
         length = self.layer_length(member)
         if length is not None and (sibling is None or len(member.leaves) >= 2):
             hints.append(
-                f"Its arrays share a leading axis of length {length}: if that is a layer axis (a "
-                f"scan-over-layers model), tie the layers with {stack}."
+                f"Its arrays share a leading axis of length {length}: if they are stacked layers "
+                f"`(L, ...)`, tie them with {stack}."
             )
         elif self.leaves is None and sibling is None:
             hints.append(f"If its arrays are stacked layers `(L, ...)`, tie them with {stack}.")
