@@ -228,3 +228,12 @@ def test_a_view_that_does_not_fit_shows_what_the_view_gives_and_what_the_members
     assert "<lambda>(emb) gives bf16[4,3] (from f32[3,4])" in message
     assert "  head  f32[4,3]" in message
     assert "Declare a view" not in message  # one was declared
+
+
+def test_one_sharding_applied_to_every_packed_leaf_also_divides_the_layout_records():
+    mesh = jax.make_mesh((4,), ("model",))  # conftest provides four CPU devices
+    params = {"a": jnp.arange(16.0).reshape(4, 4), "b": jnp.zeros((4, 4))}
+    spec = tt.TieSpec(g=["a", "b"])
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model"))
+    sharded = jax.device_put(tt.pack(params, spec), sharding)
+    np.testing.assert_array_equal(tt.unpack(sharded, spec)["b"], params["a"])

@@ -6,7 +6,7 @@ and kept slice. It is kept twice:
 
 - as static aux data of the placeholder (`layout`), which a loader takes from its skeleton;
 - as data: the placeholder's one extra child, a zero-size float32 array (the *record*) whose
-  shape `(0, k1, k2, k3, k4)` is a fingerprint of the layout. A loader fills it from the file,
+  shape `(0, k1, k2, k3)` is a fingerprint of the layout. A loader fills it from the file,
   so it says what the arrays were packed under. Zero elements: no bytes, nothing for an
   optimizer or weight decay to change, a zero-size gradient; its shape is static under `jit`,
   so it is checked at trace time, and loaders that compare shapes (`eqx.tree_deserialise_leaves`)
@@ -68,9 +68,17 @@ def fingerprint(layout: Layout, source: str = "") -> str:
     return hashlib.blake2b(text, digest_size=8).hexdigest()
 
 
+# Every non-zero dimension of a record is a multiple of this (2^8 * 3 * 5), so that sharding a
+# record's axis over a mesh axis of 2, 3, 4, 5, 6, 8, ... 256 devices divides evenly, as when one
+# sharding is applied to every leaf of packed params. Dimensions stay below 2^20 (XLA's strides
+# of a rank-4 shape stay far from int64 overflow).
+_MULTIPLE = 3840
+
+
 def record_shape(fingerprint_hex: str) -> tuple[int, ...]:
-    """The shape `(0, k1, k2, k3, k4)` of the record of a fingerprint, each `k` in 1..256."""
-    return (0, *(b + 1 for b in bytes.fromhex(fingerprint_hex)[:4]))
+    """The shape `(0, k1, k2, k3)` of the record of a fingerprint: each `k` is `3840 * (b + 1)`
+    for one byte `b` of the fingerprint (24 bits in all; the pytree key holds all 64)."""
+    return (0, *(_MULTIPLE * (b + 1) for b in bytes.fromhex(fingerprint_hex)[:3]))
 
 
 def record_key(fingerprint_hex: str) -> str:
