@@ -43,6 +43,13 @@ def split_jaxpr(jaxpr: Any) -> tuple[Any, list[Any]]:
     return jaxpr, []
 
 
+def call_jaxpr(eqn: Any) -> tuple[Any, list[Any]]:
+    """`(open jaxpr, consts)` of a call-like equation (`jit`/`pjit` and `checkpoint` keep it in
+    `params["jaxpr"]`, `closed_call`/`core_call` in `params["call_jaxpr"]`)."""
+    params = eqn.params
+    return split_jaxpr(params["jaxpr"] if "jaxpr" in params else params["call_jaxpr"])
+
+
 def inner_jaxprs(eqn: Any) -> list[Any]:
     """The jaxprs in an equation's params: non-empty exactly for higher-order primitives."""
     return list(jax.extend.core.jaxprs_in_params(eqn.params))

@@ -220,7 +220,7 @@ def _elementwise_kind(eqn: Any) -> str | None:
     if name in ELEMENTWISE:
         return "prim"
     if name in _compat.JIT_PRIMITIVE_NAMES:
-        inner, _ = _compat.split_jaxpr(eqn.params["jaxpr"])
+        inner, _ = _compat.call_jaxpr(eqn)
         return "jit" if _is_elementwise_jaxpr(inner) else None
     known = _compat.jax_nn_custom_jvp_name(eqn)
     if known in KNOWN_CUSTOM_ACTIVATIONS:
@@ -499,7 +499,7 @@ def _eval_elementwise(eqns: Sequence[Any], env: dict[Any, Any]) -> None:
         if kind == "prim":
             outs = _compat.bind_equation(eqn, invals)
         elif kind == "jit":
-            inner, consts = _compat.split_jaxpr(eqn.params["jaxpr"])
+            inner, consts = _compat.call_jaxpr(eqn)
             inner_env = dict(
                 zip([*inner.constvars, *inner.invars], [*consts, *invals], strict=True)
             )

@@ -266,7 +266,7 @@ def _bind_at(eqn: Any, invals: tuple[Any, ...], position: int, value: Any) -> An
 
 
 def _jit_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None) -> list[Any]:
-    inner, consts = _compat.split_jaxpr(eqn.params["jaxpr"])
+    inner, consts = _compat.call_jaxpr(eqn)
     return evaluate(inner, consts, invals, tied, routing)
 
 
@@ -304,7 +304,7 @@ _rules["scan"] = _scan_rule
 def _checkpoint_rule(
     eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None
 ) -> list[Any]:
-    inner, consts = _compat.split_jaxpr(eqn.params["jaxpr"])
+    inner, consts = _compat.call_jaxpr(eqn)
     flat = [v.data if _is_lazy(v) else v for v in invals]
 
     def rematerialised(*flat_args: Any) -> list[Any]:
@@ -335,7 +335,7 @@ def live_inputs(jaxpr: Any, live_outputs: Sequence[bool] | None = None) -> list[
             continue
         name = eqn.primitive.name
         if name in _compat.JIT_PRIMITIVE_NAMES or name in _compat.CHECKPOINT_PRIMITIVE_NAMES:
-            inner, _ = _compat.split_jaxpr(eqn.params["jaxpr"])
+            inner, _ = _compat.call_jaxpr(eqn)
             ins_live = (
                 live_inputs(inner, outs_live) if not eqn.effects else [True] * len(eqn.invars)
             )
