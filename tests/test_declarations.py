@@ -245,9 +245,6 @@ def test_a_stack_over_a_list_of_blocks_is_refused_naming_the_arrays_and_a_plain_
     assert "TieSpec(ffn='blocks[*].mlp')" in message
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs tt.pack to pass its leaves to plan_for (_pack.py, not ours yet)"
-)
 def test_pack_refuses_a_stack_over_a_list_of_blocks(getkey):
     with pytest.raises(ValueError, match="do not share a leading axis"):
         tt.pack(ffn_blocks(2, getkey()), tt.TieSpec(ffn=tt.stack("blocks[*].mlp")))

@@ -50,7 +50,7 @@ def describe(params: Any, spec: TieSpec) -> str:
 
         params = pack(params, spec, copy=False)
     keypaths, leaves, treedef = flatten(params)
-    plan = plan_for(spec, keypaths, treedef)
+    plan = plan_for(spec, keypaths, treedef, leaves)
     layout = packed_layout(plan, leaves)
     saved = {g.name: 0 for g in plan.groups}
     tied_leaves = {g.name: 0 for g in plan.groups}

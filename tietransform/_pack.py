@@ -59,7 +59,7 @@ def pack(
     shape, dtype or weak type, non-array members, a view whose output does not fit its member.
     """
     keypaths, leaves, treedef = flatten(params)
-    plan = plan_for(spec, keypaths, treedef)
+    plan = plan_for(spec, keypaths, treedef, leaves)
     layout = full_layout(plan, leaves)
     if require_equal:
         _check_equal(plan, layout, leaves)
@@ -104,8 +104,10 @@ def unpack(packed: PyTree, spec: TieSpec) -> PyTree:
 
     **Arguments:**
 
-    - `packed`: the output of [`tietransform.pack`][] (or a pytree of the same structure, e.g. a
-      gradient or an updated model).
+    - `packed`: packed params: the output of [`tietransform.pack`][], or params of the same
+      structure such as an updated or loaded model. For gradients and optimizer updates use
+      [`tietransform.unpack_grads`][]: `unpack` applies each view's function, offset included, to
+      what it is given (a `w + 1` view would turn a gradient `g` into `g + 1`).
     - `spec`: the same [`tietransform.TieSpec`][] it was packed with.
 
     **Returns:**
@@ -120,7 +122,7 @@ def unpack(packed: PyTree, spec: TieSpec) -> PyTree:
     another spec), or if it was restored without a target (its placeholders became dicts).
     """
     keypaths, leaves, treedef = flatten(packed)
-    plan = plan_for(spec, keypaths, treedef)
+    plan = plan_for(spec, keypaths, treedef, leaves)
     layout = packed_layout(plan, leaves)
     return jax.tree_util.tree_unflatten(treedef, full_leaves(plan, layout, leaves))
 

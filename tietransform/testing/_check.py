@@ -99,7 +99,7 @@ def expected_packed_grads(packed: Any, spec: TieSpec, full_grads: Any) -> tuple[
     and the number of summands.
     """
     keypaths, leaves, treedef = flatten(packed)
-    plan = plan_for(spec, keypaths, treedef)
+    plan = plan_for(spec, keypaths, treedef, leaves)
     layout = packed_layout(plan, leaves)
     _, grads, _ = flatten(full_grads)
     expected: list[Any] = list(leaves)
