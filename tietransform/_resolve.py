@@ -4,6 +4,20 @@ Resolution depends only on the tree's structure (its treedef), never on array va
 is computed once per structure and kept on the spec. A packed pytree and its full model flatten to
 the same treedef (placeholders count as leaves), so they share one plan.
 
+The pipeline, one step per function:
+
+1. `Index`: the model's key paths, and for every node the flat indices of the leaves under it.
+2. `select`: a selector (path pattern or `where` function) to the `Member` nodes it picks.
+3. One rule per declaration type, looked up once in `_RULES` (JAX's checkify style):
+
+   | declaration | rule          | writes (claims)            | reads                        |
+   |-------------|---------------|----------------------------|------------------------------|
+   | `Group`     | `_group_rule` | every member               | its canonical member         |
+   | `View`      | `_view_rule`  | its targets                | its source                   |
+   | `Stack`     | `_stack_rule` | the stacked leaves         | their kept slices            |
+
+4. `_check_overlap`: a leaf is written by one group only (stacks may share a leaf, not a slice).
+
 Given the leaves too, `plan_for` also checks what needs their shapes (on every call, since one
 treedef can hold arrays of many shapes): each stacked member's arrays share a leading axis. Its
 hints look at the model: a suggested pattern is one that selects nodes of this model, and a
@@ -13,14 +27,14 @@ one-member group whose arrays share a leading axis is pointed to `tt.stack`.
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
 from ._errors import format_type, is_array, leaf_type
 from ._paths import KeyPath, Segment, format_path, matches, nearest, parse_pattern, segments
 from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder
-from ._spec import Group, Selector, Stack, TieSpec, View
+from ._spec import Declaration, Group, Selector, Stack, TieSpec, View
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +90,34 @@ class Plan:
     stacks: tuple[StackSlot, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class Index:
+    """The model as resolution sees it: structure, key paths, nodes, and (maybe) leaves."""
+
+    treedef: Any
+    keypaths: tuple[KeyPath, ...]
+    nodes: dict[KeyPath, tuple[int, ...]]  # every node's path -> the leaves under it, in order
+    leaves: Sequence[Any] | None
+
+    @classmethod
+    def of(cls, keypaths: Sequence[KeyPath], treedef: Any, leaves: Sequence[Any] | None) -> "Index":
+        keypaths = tuple(tuple(k) for k in keypaths)
+        nodes: dict[KeyPath, list[int]] = {}
+        for index, keys in enumerate(keypaths):
+            for depth in range(1, len(keys) + 1):
+                nodes.setdefault(keys[:depth], []).append(index)
+        return cls(treedef, keypaths, {k: tuple(v) for k, v in nodes.items()}, leaves)
+
+
+class Resolved(NamedTuple):
+    """What one rule makes of one declaration."""
+
+    group: GroupPlan
+    slots: tuple[TieSlot, ...]
+    stacks: tuple[StackSlot, ...]
+    writes: tuple[int, ...]  # the leaves it claims: no other group may write them
+
+
 def flatten(tree: Any) -> tuple[list[KeyPath], list[Any], Any]:
     """Flattens with paths, treating placeholders as leaves: `(keypaths, leaves, treedef)`."""
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_placeholder)
@@ -95,13 +137,306 @@ def plan_for(
         raise TypeError(f"Expected a tietransform.TieSpec, got {type(spec).__name__}.")
     plan = spec._plans.get(treedef)
     if plan is None:
-        plan = _Resolver(spec, keypaths, treedef, leaves).plan()
+        plan = resolve(spec, Index.of(keypaths, treedef, leaves))
         spec._plans[treedef] = plan
     if leaves is not None:
         _check_layer_stacks(spec, plan, keypaths, treedef, leaves)
     return plan
 
 
+def resolve(spec: TieSpec, index: Index) -> Plan:
+    """Applies each declaration's rule, then checks that no two groups write one leaf."""
+    resolved = [_rule(decl)(index, name, decl) for name, decl in spec.groups.items()]
+    _check_overlap(index, resolved)
+    paths = tuple(format_path(k) for k in index.keypaths)
+    return Plan(
+        index.treedef,
+        paths,
+        tuple(r.group for r in resolved),
+        tuple(slot for r in resolved for slot in r.slots),
+        tuple(stack for r in resolved for stack in r.stacks),
+    )
+
+
+# -- the rules, one per declaration type ------------------------------------------------------
+_Rule = Callable[[Index, str, Any], Resolved]
+_RULES: dict[type, _Rule] = {}
+
+
+def _rule(decl: Declaration) -> _Rule:
+    rule = _RULES.get(type(decl))
+    if rule is None:
+        raise TypeError(f"No resolution rule for the declaration {type(decl).__name__}.")
+    return rule
+
+
+def _group_rule(index: Index, name: str, decl: Group) -> Resolved:
+    """A plain group: every member reads its canonical member."""
+    members = _select_all(index, name, decl.members)
+    if len(members) < 2:
+        raise ValueError(
+            f"Tie group {name!r} selects only one member ({members[0].path}); a tie needs "
+            f"at least two. {one_member_hint(index, name, members[0])}"
+        )
+    canonical = _pick_canonical(name, members, decl.canonical)
+    readers = [m for m in members if m is not canonical]
+    _check_disjoint(name, members)
+    _check_same_structure(name, [canonical, *readers])
+    slots = _tie_slots(name, canonical, readers, None)
+    writes = tuple(leaf for m in members for leaf in m.leaves)
+    return Resolved(GroupPlan(name, "tie", tuple(members), canonical), slots, (), writes)
+
+
+_RULES[Group] = _group_rule
+
+
+def _view_rule(index: Index, name: str, decl: View) -> Resolved:
+    """A view: each target reads `fn(source)`, leaf by leaf."""
+    sources = select(index, name, decl.source)
+    if len(sources) != 1:
+        raise ValueError(
+            f"The source of view {name!r} must select exactly one node, got:\n"
+            + _listing(m.path for m in sources)
+        )
+    (source,) = sources
+    targets = _select_all(index, name, decl.targets)
+    if any(t.path == source.path for t in targets):
+        raise ValueError(f"View {name!r} maps {source.path} onto itself.")
+    members = sorted([source, *targets], key=lambda m: m.leaves[0])
+    _check_disjoint(name, members)
+    _check_same_structure(name, [source, *targets])
+    slots = _tie_slots(name, source, targets, decl.fn)
+    writes = tuple(leaf for m in members for leaf in m.leaves)
+    return Resolved(GroupPlan(name, "view", tuple(members), source), slots, (), writes)
+
+
+_RULES[View] = _view_rule
+
+
+def _stack_rule(index: Index, name: str, decl: Stack) -> Resolved:
+    """A stack: each selected leaf ties its own slices."""
+    members = select(index, name, decl.selector)
+    _check_disjoint(name, members)
+    stacks = tuple(
+        StackSlot(name, leaf, decl.slices, decl.canonical)
+        for member in members
+        for leaf in member.leaves
+    )
+    writes = tuple(s.leaf for s in stacks)
+    return Resolved(GroupPlan(name, "stack", tuple(members), members[0]), (), stacks, writes)
+
+
+_RULES[Stack] = _stack_rule
+
+
+def _tie_slots(
+    name: str, canonical: Member, readers: Sequence[Member], fn: Callable[[Any], Any] | None
+) -> tuple[TieSlot, ...]:
+    """One slot per leaf position of the (same-structured) members."""
+    return tuple(
+        TieSlot(
+            name,
+            canonical.leaves[position],
+            tuple(m.leaves[position] for m in readers),
+            fn,
+            member_is_leaf=not relative,
+        )
+        for position, relative in enumerate(canonical.relative)
+    )
+
+
+def _check_overlap(index: Index, resolved: Sequence[Resolved]) -> None:
+    """A leaf belongs to one group only; stack groups may share a leaf (their slices are checked
+    against each other when the axis length is known)."""
+    claims: dict[int, Resolved] = {}
+    for r in resolved:
+        for leaf in r.writes:
+            other = claims.get(leaf)
+            if other is not None and not (other.group.kind == "stack" == r.group.kind):
+                raise ValueError(
+                    f"Tie groups {other.group.name!r} and {r.group.name!r} overlap at "
+                    f"{format_path(index.keypaths[leaf])}. A leaf can belong to one group "
+                    "only; narrow one of the declarations."
+                )
+            claims[leaf] = r
+
+
+# -- selecting nodes --------------------------------------------------------------------------
+def select(index: Index, name: str, selector: Selector) -> list[Member]:
+    """The nodes `selector` picks, in leaf order."""
+    keys = (
+        _select_pattern(index, name, selector)
+        if isinstance(selector, str)
+        else _select_where(index, name, selector)
+    )
+    members = [_member(index, name, k) for k in keys]
+    return sorted(members, key=lambda m: m.leaves[0])
+
+
+def _select_all(index: Index, name: str, selectors: Sequence[Selector]) -> list[Member]:
+    """The union of what `selectors` pick, each node once, in leaf order."""
+    found = {m.path: m for sel in selectors for m in select(index, name, sel)}
+    return sorted(found.values(), key=lambda m: m.leaves[0])
+
+
+def _select_pattern(index: Index, name: str, pattern: str) -> list[KeyPath]:
+    parsed = parse_pattern(pattern)
+    found = [k for k in index.nodes if matches(parsed, segments(k))]
+    if found:
+        return found
+    empty = [k for k in _empty_nodes(index) if matches(parsed, segments(k))]
+    if empty:
+        raise ValueError(
+            f"Pattern {pattern!r} of tie group {name!r} matches only "
+            f"{', '.join(format_path(k) for k in empty[:3])}, which holds no leaves "
+            "(None or an empty container). Tie groups tie arrays: select nodes that hold them."
+        )
+    candidates = [format_path(k) for k in index.nodes]
+    if "*" in pattern:  # suggest patterns for patterns: blocks[3].mlp -> blocks[*].mlp
+        candidates = [re.sub(r"\[\d+\]", "[*]", c) for c in candidates]
+    hint = nearest(pattern.lstrip("."), candidates)
+    example = format_path(index.keypaths[0]) if index.keypaths else "blocks[0].mlp.weight"
+    raise ValueError(
+        f"Pattern {pattern!r} of tie group {name!r} matches nothing in the model."
+        + stacked_hint(index, parsed)
+        + (f" Nearest paths: {', '.join(hint)}." if hint else "")
+        + f" Paths look like {example!r}; `*` matches one segment, `**` many."
+    )
+
+
+class _Marker:
+    """Stands in for leaf `index` when a `where` function is given the model's structure."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
+def _select_where(index: Index, name: str, where: Callable[[Any], Any]) -> list[KeyPath]:
+    markers = [_Marker(i) for i in range(len(index.keypaths))]
+    tree = jax.tree_util.tree_unflatten(index.treedef, markers)
+    try:
+        picked = where(tree)
+    except Exception as error:
+        raise ValueError(
+            f"The `where` function of tie group {name!r} failed on the model's structure "
+            f"({type(error).__name__}: {error}). It must only select nodes, e.g. "
+            "`lambda m: [b.mlp for b in m.blocks]`, not compute with them."
+        ) from error
+    picked = list(picked) if isinstance(picked, list | tuple) else [picked]
+    wanted = {id(obj): obj for obj in picked}
+    located: dict[int, KeyPath] = {}
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: id(x) in wanted)
+    for path, obj in with_paths:
+        if id(obj) in wanted:
+            located.setdefault(id(obj), tuple(path))
+    for obj in picked:
+        if id(obj) in located:
+            continue
+        inside = _path_of(tree, obj)
+        if inside is not None:
+            raise ValueError(
+                f"The `where` function of tie group {name!r} returned "
+                f"{format_path(inside) or 'the whole model'} together with a node that "
+                "contains it. Members of a group must not overlap: return either the "
+                "subtrees or the leaves inside them."
+            )
+        raise ValueError(
+            f"The `where` function of tie group {name!r} returned {type(obj).__name__}, "
+            "which is not a node of the model. Return nodes of the model it is given, "
+            "e.g. `lambda m: [b.mlp for b in m.blocks]`."
+        )
+    return list(dict.fromkeys(located[id(obj)] for obj in picked))
+
+
+def _empty_nodes(index: Index) -> list[KeyPath]:
+    """Paths of the model's `None` nodes and empty containers (they hold no leaves)."""
+    tree = jax.tree_util.tree_unflatten(index.treedef, [0] * len(index.keypaths))
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: x is None or (isinstance(x, list | tuple | dict) and not x)
+    )
+    return [tuple(path) for path, leaf in with_paths if leaf is None or leaf in ([], (), {})]
+
+
+def _member(index: Index, name: str, keys: KeyPath) -> Member:
+    leaves = index.nodes.get(keys, ())
+    if not keys:
+        raise ValueError(f"Tie group {name!r} selects the whole model; select its parts.")
+    if not leaves:
+        raise ValueError(f"Tie group {name!r} selects {format_path(keys)}, which holds no leaves.")
+    relative = tuple(segments(index.keypaths[i])[len(keys) :] for i in leaves)
+    return Member(format_path(keys), keys, leaves, relative)
+
+
+def _path_of(tree: Any, obj: Any) -> KeyPath | None:
+    """The path of `obj` in `tree` (compared by identity), or None if it is not a node of it."""
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is obj)
+    return next((tuple(path) for path, leaf in with_paths if leaf is obj), None)
+
+
+# -- checks within one group ------------------------------------------------------------------
+def _listing(paths: Any) -> str:
+    """Paths one per line, indented, for error messages."""
+    return "\n".join(f"  {p}" for p in paths)
+
+
+def _check_disjoint(name: str, members: Sequence[Member]) -> None:
+    for a, b in zip(members, members[1:], strict=False):
+        if set(a.leaves) & set(b.leaves):
+            raise ValueError(
+                f"Members of tie group {name!r} overlap: {a.path} and {b.path}. A member "
+                "cannot contain another; make the pattern select one level only."
+            )
+
+
+def _check_same_structure(name: str, members: Sequence[Member]) -> None:
+    first = members[0]
+    for other in members[1:]:
+        if other.relative == first.relative:
+            continue
+        only_first = sorted(set(first.relative) - set(other.relative))
+        only_other = sorted(set(other.relative) - set(first.relative))
+        detail = (
+            "leaves in a different order"
+            if not (only_first or only_other)
+            else (
+                f"only {first.path} has {['.'.join(s) for s in only_first]}, "
+                f"only {other.path} has {['.'.join(s) for s in only_other]}"
+            )
+        )
+        raise ValueError(
+            f"Members of tie group {name!r} must have the same structure. "
+            f"{first.path} and {other.path} differ: {detail}."
+        )
+
+
+def _pick_canonical(name: str, members: Sequence[Member], canonical: str | int | None) -> Member:
+    if canonical is None:
+        return members[0]
+    if isinstance(canonical, int):
+        if not -len(members) <= canonical < len(members):
+            raise ValueError(
+                f"canonical={canonical} is out of range for tie group {name!r}, which has "
+                f"{len(members)} members."
+            )
+        return members[canonical]
+    wanted = parse_pattern(canonical)
+    found = [m for m in members if matches(wanted, segments(m.keys))]
+    if len(found) > 1:
+        raise ValueError(
+            f"canonical={canonical!r} matches {len(found)} members of tie group {name!r}; name "
+            f"exactly one member. It matches:\n{_listing(m.path for m in found)}"
+        )
+    if found:
+        return found[0]
+    raise ValueError(
+        f"canonical={canonical!r} is not a member of tie group {name!r}; its members are:\n"
+        + _listing(m.path for m in members)
+    )
+
+
+# -- checks that need the leaves ---------------------------------------------------------------
 def full_shape(x: Any) -> tuple[int, ...] | None:
     """The shape `x` has in the full model (placeholders included); `None` for non-arrays."""
     if isinstance(x, StackedLeaf):
@@ -139,8 +474,9 @@ def _check_layer_stacks(
                 if shapes[i] is not None
             )
             decl = spec.groups[group.name]
-            hint = _Resolver(spec, keypaths, treedef, leaves).plain_group_hint(
-                group.name, getattr(decl, "selector", None), group.members
+            index = Index.of(keypaths, treedef, leaves)
+            hint = plain_group_hint(
+                index, group.name, getattr(decl, "selector", None), group.members
             )
             raise ValueError(
                 f"tt.stack group {group.name!r} selects {member.path}, whose arrays do not share "
@@ -151,374 +487,122 @@ def _check_layer_stacks(
             )
 
 
-class _Marker:
-    __slots__ = ("index",)
+# -- hints (each names a declaration that selects nodes of this model) ------------------------
+def layer_length(index: Index, member: Member) -> int | None:
+    """`L` if every array of `member` has the leading axis length `L >= 2` (known leaves)."""
+    if index.leaves is None:
+        return None
+    shapes = [full_shape(index.leaves[i]) for i in member.leaves]
+    lengths = {s[0] for s in shapes if s}
+    if len(lengths) != 1 or any(not s for s in shapes):
+        return None
+    (length,) = lengths
+    return length if length >= 2 else None
 
-    def __init__(self, index: int):
-        self.index = index
+
+def _alike(index: Index, a: Member, b: Member) -> bool:
+    """Same structure, and (when the leaves are known) the same shapes and dtypes."""
+    if a.relative != b.relative:
+        return False
+    if index.leaves is None:
+        return True
+    leaves = index.leaves
+    types = [
+        [_full_type(leaves[i]) if full_shape(leaves[i]) is not None else None for i in m.leaves]
+        for m in (a, b)
+    ]
+    return types[0] == types[1]
 
 
-class _Resolver:
-    def __init__(
-        self,
-        spec: TieSpec,
-        keypaths: Sequence[KeyPath],
-        treedef: Any,
-        leaves: Sequence[Any] | None = None,
-    ):
-        self.spec = spec
-        self.leaves = leaves
-        self.treedef = treedef
-        self.keypaths = [tuple(k) for k in keypaths]
-        self.segments = [segments(k) for k in self.keypaths]
-        self.nodes: dict[KeyPath, list[int]] = {}
-        for index, keys in enumerate(self.keypaths):
-            for depth in range(1, len(keys) + 1):
-                self.nodes.setdefault(keys[:depth], []).append(index)
-
-    # -- selecting nodes -------------------------------------------------------------------
-    def select(self, name: str, selector: Selector) -> list[Member]:
-        keys = (
-            self._select_pattern(name, selector)
-            if isinstance(selector, str)
-            else (self._select_where(name, selector))
-        )
-        members = [self._member(name, k) for k in keys]
-        return sorted(members, key=lambda m: m.leaves[0])
-
-    def _select_pattern(self, name: str, pattern: str) -> list[KeyPath]:
+def sibling_pattern(index: Index, member: Member) -> tuple[str, int] | None:
+    """A pattern that selects `member` and at least one more node of the same structure,
+    disjoint from it: one segment of its path made a wildcard (list indices first)."""
+    keys = member.keys
+    indices = [i for i, k in enumerate(keys) if isinstance(k, jax.tree_util.SequenceKey)]
+    others = [i for i in range(len(keys)) if i not in indices]
+    for position in [*indices, *others]:  # the outermost repetition first: blocks[*]
+        pattern = _wildcard_path(keys, position)
         parsed = parse_pattern(pattern)
-        found = [k for k in self.nodes if matches(parsed, segments(k))]
-        if not found:
-            empty = [k for k in self._empty_nodes() if matches(parsed, segments(k))]
-            if empty:
-                raise ValueError(
-                    f"Pattern {pattern!r} of tie group {name!r} matches only "
-                    f"{', '.join(format_path(k) for k in empty[:3])}, which holds no leaves "
-                    "(None or an empty container). Tie groups tie arrays: select nodes that hold "
-                    "them."
-                )
-            candidates = [format_path(k) for k in self.nodes]
-            if "*" in pattern:  # suggest patterns for patterns: blocks[3].mlp -> blocks[*].mlp
-                candidates = [re.sub(r"\[\d+\]", "[*]", c) for c in candidates]
-            hint = nearest(pattern.lstrip("."), candidates)
-            example = format_path(self.keypaths[0]) if self.keypaths else "blocks[0].mlp.weight"
-            raise ValueError(
-                f"Pattern {pattern!r} of tie group {name!r} matches nothing in the model."
-                + self.stacked_hint(parsed)
-                + (f" Nearest paths: {', '.join(hint)}." if hint else "")
-                + f" Paths look like {example!r}; `*` matches one segment, `**` many."
-            )
-        return found
+        found = [_member(index, "", k) for k in index.nodes if matches(parsed, segments(k))]
+        leaves = [i for m in found for i in m.leaves]
+        if (
+            len(found) >= 2
+            and all(_alike(index, m, member) for m in found)
+            and len(set(leaves)) == len(leaves)
+        ):
+            return pattern, len(found)
+    return None
 
-    def _select_where(self, name: str, where: Callable[[Any], Any]) -> list[KeyPath]:
-        markers = [_Marker(i) for i in range(len(self.keypaths))]
-        tree = jax.tree_util.tree_unflatten(self.treedef, markers)
-        try:
-            picked = where(tree)
-        except Exception as error:
-            raise ValueError(
-                f"The `where` function of tie group {name!r} failed on the model's structure "
-                f"({type(error).__name__}: {error}). It must only select nodes, e.g. "
-                "`lambda m: [b.mlp for b in m.blocks]`, not compute with them."
-            ) from error
-        picked = list(picked) if isinstance(picked, list | tuple) else [picked]
-        wanted = {id(obj): obj for obj in picked}
-        located: dict[int, KeyPath] = {}
-        with_paths, _ = jax.tree_util.tree_flatten_with_path(
-            tree, is_leaf=lambda x: id(x) in wanted
+
+def twin(index: Index, member: Member) -> Member | None:
+    """Another node disjoint from `member` with the same structure, if the model has one."""
+    for keys, leaves in index.nodes.items():
+        if keys == member.keys or set(leaves) & set(member.leaves):
+            continue
+        other = _member(index, "", keys)
+        if _alike(index, other, member):
+            return other
+    return None
+
+
+def one_member_hint(index: Index, name: str, member: Member) -> str:
+    hints = []
+    sibling = sibling_pattern(index, member)
+    if sibling is not None:
+        hints.append(
+            f"TieSpec({name}={sibling[0]!r}) selects it and {sibling[1] - 1} more node(s) like it."
         )
-        for path, obj in with_paths:
-            if id(obj) in wanted:
-                located.setdefault(id(obj), tuple(path))
-        for obj in picked:
-            if id(obj) not in located:
-                inside = _path_of(tree, obj)
-                if inside is not None:
-                    raise ValueError(
-                        f"The `where` function of tie group {name!r} returned "
-                        f"{format_path(inside) or 'the whole model'} together with a node that "
-                        "contains it. Members of a group must not overlap: return either the "
-                        "subtrees or the leaves inside them."
-                    )
-                raise ValueError(
-                    f"The `where` function of tie group {name!r} returned {type(obj).__name__}, "
-                    "which is not a node of the model. Return nodes of the model it is given, "
-                    "e.g. `lambda m: [b.mlp for b in m.blocks]`."
-                )
-        return list(dict.fromkeys(located[id(obj)] for obj in picked))
-
-    def _empty_nodes(self) -> list[KeyPath]:
-        """Paths of the model's `None` nodes and empty containers (they hold no leaves)."""
-        tree = jax.tree_util.tree_unflatten(self.treedef, [0] * len(self.keypaths))
-        with_paths, _ = jax.tree_util.tree_flatten_with_path(
-            tree, is_leaf=lambda x: x is None or (isinstance(x, list | tuple | dict) and not x)
+    stack = f"TieSpec({name}=tt.stack({member.path!r}))"
+    length = layer_length(index, member)
+    if length is not None and (sibling is None or len(member.leaves) >= 2):
+        hints.append(
+            f"Its arrays share a leading axis of length {length}: if they are stacked layers "
+            f"`(L, ...)`, tie them with {stack}."
         )
-        return [tuple(path) for path, leaf in with_paths if leaf is None or leaf in ([], (), {})]
+    elif index.leaves is None and sibling is None:
+        hints.append(f"If its arrays are stacked layers `(L, ...)`, tie them with {stack}.")
+    if not hints:
+        other = twin(index, member)
+        hints.append(
+            f"Name the members, e.g. TieSpec({name}=[{member.path!r}, {other.path!r}])."
+            if other is not None
+            else "No other node of this model has its structure, shapes and dtypes."
+        )
+    return " ".join(hints)
 
-    def _member(self, name: str, keys: KeyPath) -> Member:
-        leaves = tuple(self.nodes.get(keys, ()))
-        if not keys:
-            raise ValueError(f"Tie group {name!r} selects the whole model; select its parts.")
-        if not leaves:
-            raise ValueError(
-                f"Tie group {name!r} selects {format_path(keys)}, which holds no leaves."
-            )
-        relative = tuple(self.segments[i][len(keys) :] for i in leaves)
-        return Member(format_path(keys), keys, leaves, relative)
 
-    # -- hints (each names a declaration that selects nodes of this model) ------------------
-    def layer_length(self, member: Member) -> int | None:
-        """`L` if every array of `member` has the leading axis length `L >= 2` (known leaves)."""
-        if self.leaves is None:
-            return None
-        shapes = [full_shape(self.leaves[i]) for i in member.leaves]
-        lengths = {s[0] for s in shapes if s}
-        if len(lengths) != 1 or any(not s for s in shapes):
-            return None
-        (length,) = lengths
-        return length if length >= 2 else None
+def plain_group_hint(
+    index: Index, name: str, selector: Selector | None, members: Sequence[Member]
+) -> str:
+    """For a stack that selected unstacked blocks: the plain group that ties the blocks."""
+    same = all(m.relative == members[0].relative for m in members)
+    if len(members) >= 2 and same and isinstance(selector, str):
+        return f"To tie a list of blocks, use a plain group: TieSpec({name}={selector!r})."
+    if len(members) >= 2 and same:
+        return (
+            "To tie a list of blocks, use a plain group with the same selector: "
+            f"TieSpec({name}=<selector>)."
+        )
+    sibling = sibling_pattern(index, members[0])
+    if sibling is not None:
+        return f"To tie a list of blocks, use a plain group: TieSpec({name}={sibling[0]!r})."
+    return "To tie a list of blocks, use a plain group that selects each block."
 
-    def sibling_pattern(self, member: Member) -> tuple[str, int] | None:
-        """A pattern that selects `member` and at least one more node of the same structure,
-        disjoint from it: one segment of its path made a wildcard (list indices first)."""
-        keys = member.keys
-        indices = [i for i, k in enumerate(keys) if isinstance(k, jax.tree_util.SequenceKey)]
-        others = [i for i in range(len(keys)) if i not in indices]
-        for position in [*indices, *others]:  # the outermost repetition first: blocks[*]
-            pattern = _wildcard_path(keys, position)
-            parsed = parse_pattern(pattern)
-            found = [self._member("", k) for k in self.nodes if matches(parsed, segments(k))]
-            leaves = [i for m in found for i in m.leaves]
-            if (
-                len(found) >= 2
-                and all(self._alike(m, member) for m in found)
-                and len(set(leaves)) == len(leaves)
-            ):
-                return pattern, len(found)
-        return None
 
-    def _alike(self, a: Member, b: Member) -> bool:
-        """Same structure, and (when the leaves are known) the same shapes and dtypes."""
-        if a.relative != b.relative:
-            return False
-        if self.leaves is None:
-            return True
-        types = [
-            [_full_type(x) if full_shape(x) is not None else None for x in map(self.leaf, m.leaves)]
-            for m in (a, b)
-        ]
-        return types[0] == types[1]
-
-    def leaf(self, index: int) -> Any:
-        assert self.leaves is not None
-        return self.leaves[index]
-
-    def twin(self, member: Member) -> Member | None:
-        """Another node disjoint from `member` with the same structure, if the model has one."""
-        for keys, leaves in self.nodes.items():
-            if keys == member.keys or set(leaves) & set(member.leaves):
-                continue
-            other = self._member("", keys)
-            if self._alike(other, member):
-                return other
-        return None
-
-    def one_member_hint(self, name: str, member: Member) -> str:
-        hints = []
-        sibling = self.sibling_pattern(member)
-        if sibling is not None:
-            hints.append(
-                f"TieSpec({name}={sibling[0]!r}) selects it and {sibling[1] - 1} more node(s) "
-                "like it."
-            )
-        stack = f"TieSpec({name}=tt.stack({member.path!r}))"
-        length = self.layer_length(member)
-        if length is not None and (sibling is None or len(member.leaves) >= 2):
-            hints.append(
-                f"Its arrays share a leading axis of length {length}: if they are stacked layers "
-                f"`(L, ...)`, tie them with {stack}."
-            )
-        elif self.leaves is None and sibling is None:
-            hints.append(f"If its arrays are stacked layers `(L, ...)`, tie them with {stack}.")
-        if not hints:
-            other = self.twin(member)
-            hints.append(
-                f"Name the members, e.g. TieSpec({name}=[{member.path!r}, {other.path!r}])."
-                if other is not None
-                else "No other node of this model has its structure, shapes and dtypes."
-            )
-        return " ".join(hints)
-
-    def plain_group_hint(
-        self, name: str, selector: Selector | None, members: Sequence[Member]
-    ) -> str:
-        """For a stack that selected unstacked blocks: the plain group that ties the blocks."""
-        same = all(m.relative == members[0].relative for m in members)
-        if len(members) >= 2 and same and isinstance(selector, str):
-            return f"To tie a list of blocks, use a plain group: TieSpec({name}={selector!r})."
-        if len(members) >= 2 and same:
-            return (
-                "To tie a list of blocks, use a plain group with the same selector: "
-                f"TieSpec({name}=<selector>)."
-            )
-        sibling = self.sibling_pattern(members[0])
-        if sibling is not None:
-            return f"To tie a list of blocks, use a plain group: TieSpec({name}={sibling[0]!r})."
-        return "To tie a list of blocks, use a plain group that selects each block."
-
-    def stacked_hint(self, parsed: Sequence[Segment]) -> str:
-        """For a wildcard pattern that matches nothing: the stacked node it may have meant."""
-        plain = [s for s in parsed if s not in ("*", "**")]
-        if len(plain) == len(parsed) or not plain:
-            return ""
-        for keys in self.nodes:
-            if not matches(plain, segments(keys)):
-                continue
-            path = format_path(keys)
-            if self.leaves is None:
-                return (
-                    f" If {path} holds stacked layers `(L, ...)`, tie them with tt.stack({path!r})."
-                )
-            if self.layer_length(self._member("", keys)):
-                return f" {path} holds stacked layers `(L, ...)`: tie them with tt.stack({path!r})."
+def stacked_hint(index: Index, parsed: Sequence[Segment]) -> str:
+    """For a wildcard pattern that matches nothing: the stacked node it may have meant."""
+    plain = [s for s in parsed if s not in ("*", "**")]
+    if len(plain) == len(parsed) or not plain:
         return ""
-
-    # -- checks ----------------------------------------------------------------------------
-    def _check_disjoint(self, name: str, members: Sequence[Member]) -> None:
-        for a, b in zip(members, members[1:], strict=False):
-            if set(a.leaves) & set(b.leaves):
-                raise ValueError(
-                    f"Members of tie group {name!r} overlap: {a.path} and {b.path}. A member "
-                    "cannot contain another; make the pattern select one level only."
-                )
-
-    def _check_same_structure(self, name: str, members: Sequence[Member]) -> None:
-        first = members[0]
-        for other in members[1:]:
-            if other.relative != first.relative:
-                only_first = sorted(set(first.relative) - set(other.relative))
-                only_other = sorted(set(other.relative) - set(first.relative))
-                detail = (
-                    "leaves in a different order"
-                    if not (only_first or only_other)
-                    else (
-                        f"only {first.path} has {['.'.join(s) for s in only_first]}, "
-                        f"only {other.path} has {['.'.join(s) for s in only_other]}"
-                    )
-                )
-                raise ValueError(
-                    f"Members of tie group {name!r} must have the same structure. "
-                    f"{first.path} and {other.path} differ: {detail}."
-                )
-
-    def _pick_canonical(
-        self, name: str, members: Sequence[Member], canonical: str | int | None
-    ) -> Member:
-        if canonical is None:
-            return members[0]
-        if isinstance(canonical, int):
-            if not -len(members) <= canonical < len(members):
-                raise ValueError(
-                    f"canonical={canonical} is out of range for tie group {name!r}, which has "
-                    f"{len(members)} members."
-                )
-            return members[canonical]
-        wanted = parse_pattern(canonical)
-        found = [m for m in members if matches(wanted, segments(m.keys))]
-        if len(found) > 1:
-            raise ValueError(
-                f"canonical={canonical!r} matches {len(found)} members of tie group {name!r}: "
-                f"{[m.path for m in found]}. Name exactly one member."
-            )
-        if found:
-            return found[0]
-        raise ValueError(
-            f"canonical={canonical!r} is not a member of tie group {name!r}; its members are "
-            f"{[m.path for m in members]}."
-        )
-
-    # -- building the plan -----------------------------------------------------------------
-    def plan(self) -> Plan:
-        groups: list[GroupPlan] = []
-        slots: list[TieSlot] = []
-        stacks: list[StackSlot] = []
-        claims: dict[int, tuple[str, str]] = {}
-        for name, decl in self.spec.groups.items():
-            if isinstance(decl, Stack):
-                group, new_stacks = self._stack_group(name, decl)
-                stacks.extend(new_stacks)
-                leaves = [s.leaf for s in new_stacks]
-            else:
-                group, new_slots = self._tie_group(name, decl)
-                slots.extend(new_slots)
-                leaves = [leaf for m in group.members for leaf in m.leaves]
-            for leaf in leaves:
-                other = claims.get(leaf)
-                if other is not None and not (other[1] == "stack" == group.kind):
-                    raise ValueError(
-                        f"Tie groups {other[0]!r} and {name!r} overlap at "
-                        f"{format_path(self.keypaths[leaf])}. A leaf can belong to one group "
-                        "only; narrow one of the declarations."
-                    )
-                claims[leaf] = (name, group.kind)
-            groups.append(group)
-        paths = tuple(format_path(k) for k in self.keypaths)
-        return Plan(self.treedef, paths, tuple(groups), tuple(slots), tuple(stacks))
-
-    def _tie_group(self, name: str, decl: Group | View) -> tuple[GroupPlan, list[TieSlot]]:
-        if isinstance(decl, View):
-            sources = self.select(name, decl.source)
-            if len(sources) != 1:
-                raise ValueError(
-                    f"The source of view {name!r} must select exactly one node, got "
-                    f"{[m.path for m in sources]}."
-                )
-            targets = sorted(
-                {m.path: m for sel in decl.targets for m in self.select(name, sel)}.values(),
-                key=lambda m: m.leaves[0],
-            )
-            canonical = sources[0]
-            if any(t.path == canonical.path for t in targets):
-                raise ValueError(f"View {name!r} maps {canonical.path} onto itself.")
-            members = sorted([canonical, *targets], key=lambda m: m.leaves[0])
-            readers, fn, kind = targets, decl.fn, "view"
-        else:
-            members = sorted(
-                {m.path: m for sel in decl.members for m in self.select(name, sel)}.values(),
-                key=lambda m: m.leaves[0],
-            )
-            if len(members) < 2:
-                raise ValueError(
-                    f"Tie group {name!r} selects only one member ({members[0].path}); a tie needs "
-                    f"at least two. {self.one_member_hint(name, members[0])}"
-                )
-            canonical = self._pick_canonical(name, members, decl.canonical)
-            readers = [m for m in members if m is not canonical]
-            fn, kind = None, "tie"
-        self._check_disjoint(name, members)
-        self._check_same_structure(name, [canonical, *readers])
-        slots = [
-            TieSlot(
-                name,
-                canonical.leaves[position],
-                tuple(m.leaves[position] for m in readers),
-                fn,
-                member_is_leaf=not relative,
-            )
-            for position, relative in enumerate(canonical.relative)
-        ]
-        return GroupPlan(name, kind, tuple(members), canonical), slots
-
-    def _stack_group(self, name: str, decl: Stack) -> tuple[GroupPlan, list[StackSlot]]:
-        members = self.select(name, decl.selector)
-        self._check_disjoint(name, members)
-        stacks = [
-            StackSlot(name, leaf, decl.slices, decl.canonical)
-            for member in members
-            for leaf in member.leaves
-        ]
-        return GroupPlan(name, "stack", tuple(members), members[0]), stacks
+    for keys in index.nodes:
+        if not matches(plain, segments(keys)):
+            continue
+        path = format_path(keys)
+        if index.leaves is None:
+            return f" If {path} holds stacked layers `(L, ...)`, tie them with tt.stack({path!r})."
+        if layer_length(index, _member(index, "", keys)):
+            return f" {path} holds stacked layers `(L, ...)`: tie them with tt.stack({path!r})."
+    return ""
 
 
 def _wildcard_path(keys: KeyPath, position: int) -> str:
@@ -531,9 +615,3 @@ def _wildcard_path(keys: KeyPath, position: int) -> str:
     if after != "<root>":
         text += after if after.startswith("[") else "." + after
     return text
-
-
-def _path_of(tree: Any, obj: Any) -> KeyPath | None:
-    """The path of `obj` in `tree` (compared by identity), or None if it is not a node of it."""
-    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is obj)
-    return next((tuple(path) for path, leaf in with_paths if leaf is obj), None)
