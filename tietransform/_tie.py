@@ -9,7 +9,7 @@ import jax
 from . import _compat
 from ._audit import audit_reads
 from ._errors import is_array
-from ._ffn_routing import Routing
+from ._ffn_routing import Routing, routing_for
 from ._layout import full_leaves, packed_layout
 from ._placeholders import StackedLeaf, is_placeholder
 from ._resolve import flatten, plan_for
@@ -43,10 +43,13 @@ def tie(
     - `audit`: check, at trace time, that every declared member is read and that parameters are
       not captured by closure (see below). Costs a pass over the jaxpr, at trace time only.
     - `fuse_ffn`: serve FFNs whose weights are tied (`act(x @ W1 + b1) @ W2 + b2`, in a scan
-      body or not) with the fused kernel `kernels.ffn`. `None` (default): on where a Pallas
-      backend exists (GPU, TPU), off on CPU. `True`: on everywhere (Pallas interpret mode on
-      CPU). `False`: off. A string is passed to `kernels.ffn` as its `implementation`.
-      [`tietransform.ffn_routing_report`][] lists the sites served.
+      body or not; gated FFNs go to `kernels.gated_ffn`) with the fused kernels. `None`
+      (default): where a Pallas backend exists (GPU, TPU), the sites the compiled kernel
+      supports are served and the rest are left to XLA silently; off on CPU. `True`: on
+      everywhere (Pallas interpret mode on CPU), warning once for each site the kernel cannot
+      serve. `False`: off. A string is passed to `kernels.ffn` as its `implementation`, and
+      warns as `True` does. [`tietransform.ffn_routing_report`][] lists every FFN site found,
+      with what served it and why.
 
     **Returns:**
 
@@ -92,27 +95,9 @@ def tie(
 
     @functools.wraps(fn)
     def tied(packed: Any, *args: Any, **kwargs: Any) -> Any:
-        return _call(fn, chosen_spec, audit, _routing(fuse_ffn), packed, args, kwargs)
+        return _call(fn, chosen_spec, audit, routing_for(fuse_ffn), packed, args, kwargs)
 
     return tied
-
-
-def _routing(fuse_ffn: FuseFFN) -> Routing | None:
-    if isinstance(fuse_ffn, str):
-        if fuse_ffn not in ("auto", "pallas", "interpret", "xla", "xla_remat"):
-            raise ValueError(
-                f"fuse_ffn={fuse_ffn!r} is not an implementation of kernels.ffn; use one of "
-                "'auto', 'pallas', 'interpret', 'xla', 'xla_remat', or a bool."
-            )
-        return Routing(fuse_ffn)  # type: ignore[arg-type]
-    if fuse_ffn is False:
-        return None
-    accelerated = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
-    if fuse_ffn is None:
-        return Routing("pallas") if accelerated else None
-    if fuse_ffn is True:
-        return Routing("pallas" if accelerated else "interpret")
-    raise TypeError(f"fuse_ffn must be None, a bool or an implementation name, got {fuse_ffn!r}.")
 
 
 def _call(
