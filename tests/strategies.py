@@ -278,8 +278,12 @@ def transformed(f: Callable, names: tuple[str, ...]) -> Callable:
 
 
 @st.composite
-def problems(draw: st.DrawFn, *, transforms: bool = True) -> Problem:
-    """A [`Problem`][]: see the module docstring for what is drawn."""
+def problems(
+    draw: st.DrawFn, *, transforms: bool = True, wrappers: tuple[str, ...] = WRAPPERS
+) -> Problem:
+    """A [`Problem`][]: see the module docstring for what is drawn. `transforms=False` draws no
+    transformation stack; `wrappers` limits how towers are read (e.g. no `cond`, whose branch
+    switch is a jump that finite differences cannot step across)."""
     seed = draw(st.integers(0, 2**31 - 1))
     d = draw(st.sampled_from([2, 3]))
     as_module = draw(st.booleans())
@@ -375,7 +379,7 @@ def problems(draw: st.DrawFn, *, transforms: bool = True) -> Problem:
 
     parts = {"towers": towers, "emb": normal((d, d)), "heads": heads, "stacks": stacks}
     params = Net(**parts) if as_module else parts
-    tower_wrappers = tuple(draw(st.sampled_from(WRAPPERS)) for _ in towers)
+    tower_wrappers = tuple(draw(st.sampled_from(wrappers)) for _ in towers)
     stack_wrappers = tuple(draw(st.sampled_from(["plain", "checkpoint"])) for _ in stacks)
     names: tuple[str, ...] = ()
     if transforms:  # at most one `grad_x`: second derivatives of second derivatives cost more.

@@ -18,7 +18,7 @@ from jax.test_util import check_grads
 
 import tietransform as tt
 from tests.helpers import assert_trees_close, hlo_parameter_count, tolerance
-from tests.strategies import Problem, get, problems, transformed
+from tests.strategies import WRAPPERS, Problem, get, problems, transformed
 
 
 _HALF = settings(max_examples=max(1, settings.default.max_examples // 2))
@@ -81,7 +81,7 @@ def test_unpack_of_pack_is_the_model_with_members_replaced_by_their_canonical_va
     assert stored == sum(x.size for x in jax.tree.leaves(problem.params)) - members - repeated
 
 
-@given(problems(transforms=False))
+@given(problems(transforms=False, wrappers=tuple(w for w in WRAPPERS if w != "cond")))
 @_HALF
 def test_tied_gradients_match_finite_differences_in_float64(problem):
     with jax.enable_x64(True):
