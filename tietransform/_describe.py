@@ -7,7 +7,7 @@ import numpy as np
 from ._errors import is_array, leaf_type
 from ._layout import PackedLayout, packed_layout
 from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder
-from ._resolve import GroupPlan, flatten, plan_for
+from ._resolve import GroupPlan, Plan, flatten, plan_for
 from ._spec import TieSpec
 
 
@@ -106,7 +106,7 @@ def describe(params: Any, spec: TieSpec) -> str:
                 ]
                 lines.append(f"  {g.name}: slices {', '.join(per)}")
         else:
-            lines.append(f"  {g.name}: {', '.join(shown)}")
+            lines.append(f"  {g.name}: {', '.join(shown)}{_chain_note(plan, layout, g)}")
     unpacked = packed_bytes + total_saved
     fraction = total_saved / unpacked if unpacked else 0.0
     lines.append(
@@ -114,6 +114,15 @@ def describe(params: Any, spec: TieSpec) -> str:
         f"(saved {_human(total_saved)}, {100 * fraction:.1f}%)"
     )
     return "\n".join(lines)
+
+
+def _chain_note(plan: Plan, layout: PackedLayout, group: GroupPlan) -> str:
+    """For a view whose source is a member of other groups: whose buffer it reads, and where."""
+    if not group.through:
+        return ""
+    buffers = dict.fromkeys(plan.paths[s.canonical] for s in layout.slots if s.group == group.name)
+    owners = " and ".join(repr(name) for name in group.through)
+    return f" (reads the buffer of {owners}: {', '.join(buffers)})"
 
 
 def _stack_slices(layout: PackedLayout, group: GroupPlan) -> list[tuple[tuple[int, ...], int]]:

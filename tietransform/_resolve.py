@@ -17,6 +17,11 @@ The pipeline, one step per function:
    | `Stack`     | `_stack_rule` | the stacked leaves         | their kept slices            |
 
 4. `_check_overlap`: a leaf is written by one group only (stacks may share a leaf, not a slice).
+5. `_chain`: a view whose source is written by another tie group or view reads that group's
+   buffer: the slot's canonical becomes the buffer's leaf, and its function is composed with the
+   other view's. Any number of views may read one source; the gradient of a buffer is then the
+   sum over its plain members and every view's pullback, as JAX adds the cotangents of a value
+   read in several places.
 
 Given the leaves too, `plan_for` also checks what needs their shapes (on every call, since one
 treedef can hold arrays of many shapes): each stacked member's arrays share a leading axis. Its
@@ -34,6 +39,7 @@ import jax
 from ._errors import format_type, is_array, leaf_type
 from ._paths import KeyPath, Segment, format_path, matches, nearest, parse_pattern, segments
 from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder
+from ._record import fn_name
 from ._spec import Declaration, Group, Selector, Stack, TieSpec, View
 
 
@@ -77,6 +83,7 @@ class GroupPlan:
     kind: str
     members: tuple[Member, ...]
     canonical: Member
+    through: tuple[str, ...] = ()  # a view's source's groups, whose buffer the view reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +123,7 @@ class Resolved(NamedTuple):
     slots: tuple[TieSlot, ...]
     stacks: tuple[StackSlot, ...]
     writes: tuple[int, ...]  # the leaves it claims: no other group may write them
+    reads: tuple[int, ...] = ()  # a view's source leaves: written by its own group or another
 
 
 def flatten(tree: Any) -> tuple[list[KeyPath], list[Any], Any]:
@@ -148,6 +156,7 @@ def resolve(spec: TieSpec, index: Index) -> Plan:
     """Applies each declaration's rule, then checks that no two groups write one leaf."""
     resolved = [_rule(decl)(index, name, decl) for name, decl in spec.groups.items()]
     _check_overlap(index, resolved)
+    resolved = _chain(index, resolved)
     paths = tuple(format_path(k) for k in index.keypaths)
     return Plan(
         index.treedef,
@@ -206,8 +215,9 @@ def _view_rule(index: Index, name: str, decl: View) -> Resolved:
     _check_disjoint(name, members)
     _check_same_structure(name, [source, *targets])
     slots = _tie_slots(name, source, targets, decl.fn)
-    writes = tuple(leaf for m in members for leaf in m.leaves)
-    return Resolved(GroupPlan(name, "view", tuple(members), source), slots, (), writes)
+    writes = tuple(leaf for m in targets for leaf in m.leaves)
+    group = GroupPlan(name, "view", tuple(members), source)
+    return Resolved(group, slots, (), writes, reads=source.leaves)
 
 
 _RULES[View] = _view_rule
@@ -259,6 +269,65 @@ def _check_overlap(index: Index, resolved: Sequence[Resolved]) -> None:
                     "only; narrow one of the declarations."
                 )
             claims[leaf] = r
+    for r in resolved:
+        for leaf in r.reads:
+            other = claims.get(leaf)
+            if other is not None and other.group.kind == "stack":
+                raise ValueError(
+                    f"Tie groups {other.group.name!r} and {r.group.name!r} overlap at "
+                    f"{format_path(index.keypaths[leaf])}: view {r.group.name!r} reads a "
+                    "stacked array whose slices tt.stack ties, and a view's source must be a "
+                    "whole buffer. Read one of the group's plain members, or narrow one of the "
+                    "declarations."
+                )
+
+
+def _chain(index: Index, resolved: Sequence[Resolved]) -> list[Resolved]:
+    """Points each view slot whose source is another group's reader at the buffer it reads."""
+    reads_from: dict[int, tuple[TieSlot, int]] = {}  # reader leaf -> its slot, and the source
+    for r in resolved:
+        for slot in r.slots:
+            for reader in slot.readers:
+                reads_from[reader] = (slot, slot.canonical)
+    out = []
+    for r in resolved:
+        if r.group.kind != "view" or not any(leaf in reads_from for leaf in r.reads):
+            out.append(r)
+            continue
+        slots, through = [], []
+        for slot in r.slots:
+            canonical, fn, seen = slot.canonical, slot.fn, [r.group.name]
+            while canonical in reads_from:
+                other, canonical = reads_from[canonical]
+                if other.group in seen:
+                    raise ValueError(
+                        f"Views {' -> '.join([*seen, other.group])} read each other in a cycle "
+                        f"(at {format_path(index.keypaths[slot.canonical])}), so no buffer "
+                        "holds their value. Make one of them read a leaf that no view writes."
+                    )
+                seen.append(other.group)
+                fn = _compose(fn, other.fn)
+            through += [g for g in seen[1:] if g not in through]
+            slots.append(dataclasses.replace(slot, canonical=canonical, fn=fn))
+        group = dataclasses.replace(r.group, through=tuple(through))
+        out.append(r._replace(group=group, slots=tuple(slots)))
+    return out
+
+
+def _compose(
+    outer: Callable[[Any], Any] | None, inner: Callable[[Any], Any] | None
+) -> Callable[[Any], Any] | None:
+    """`outer ∘ inner`, where `None` is the identity; named for layout records and messages."""
+    if inner is None:
+        return outer
+    if outer is None:
+        return inner
+
+    def composed(x: Any) -> Any:
+        return outer(inner(x))
+
+    composed.__qualname__ = f"{fn_name(outer)}∘{fn_name(inner)}"  # read by layout records
+    return composed
 
 
 # -- selecting nodes --------------------------------------------------------------------------

@@ -87,6 +87,10 @@ def view(source: Selector, target: Selector | Sequence[Selector], fn: Callable[[
     **Arguments:**
 
     - `source`: a path pattern or `where` function selecting exactly one node; it keeps its value.
+      It may be a member of a plain group or another view's target (a chain, as in T5/BART:
+      `TieSpec(emb=["encoder.embed", "decoder.embed"], head=tt.view("encoder.embed", "lm_head",
+      jnp.transpose))`): the view then reads that group's buffer. Several views may read one
+      source.
     - `target`: one or more selectors; each selected node reads `fn(source)` (leaf by leaf when the
       nodes are subtrees).
     - `fn`: a JAX-traceable function from a source leaf to a target leaf, e.g. `jnp.transpose`.
@@ -94,7 +98,8 @@ def view(source: Selector, target: Selector | Sequence[Selector], fn: Callable[[
     **Returns:**
 
     A declaration to pass to [`tietransform.TieSpec`][]. Gradients reach `source` pulled back
-    through `fn`.
+    through `fn`; the gradient of a buffer is the sum over its plain members and the pullback of
+    every view that reads it.
 
     !!! Example
         ```python
