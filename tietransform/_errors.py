@@ -2,8 +2,14 @@
 
 from typing import Any
 
+import equinox as eqx
 import jax
 import numpy as np
+
+# Equinox's test for array leaves (a `jax.Array`, tracer, NumPy array or scalar): the one
+# `is_array`. Re-exported only for modules that still import it from here (`_tie`, `_resolve`,
+# `_describe`); new code calls `eqx.is_array`.
+from equinox import is_array as is_array
 
 
 _SHORT_DTYPES = {
@@ -33,11 +39,6 @@ class StackMaterialisedWarning(UserWarning):
     """A stacked tie had to be materialised as an `L`-fold copy (correct, but costs memory)."""
 
 
-def is_array(x: Any) -> bool:
-    """Whether `x` is an array leaf (a `jax.Array`, tracer, NumPy array or NumPy scalar)."""
-    return isinstance(x, jax.Array | np.ndarray | np.generic)
-
-
 def short_dtype(dtype: Any) -> str:
     """`f32`, `bf16`, ... for a dtype."""
     name = np.dtype(dtype).name
@@ -61,7 +62,10 @@ def leaf_type(x: Any) -> tuple[tuple[int, ...], np.dtype, bool]:
 
 
 def describe_leaf(x: Any) -> str:
-    """A short description of any leaf: its type for arrays, its Python type otherwise."""
-    if is_array(x):
+    """A short description of any leaf: its type (`f32[4,3]`) for arrays and shape structs, its
+    Python type and repr otherwise."""
+    if eqx.is_array(x):
         return format_type(*leaf_type(x))
+    if isinstance(x, jax.ShapeDtypeStruct):  # e.g. a leaf of an `eqx.filter_eval_shape` skeleton
+        return f"ShapeDtypeStruct {format_type(x.shape, x.dtype, bool(x.weak_type))}"
     return f"{type(x).__name__} {x!r}"[:60]

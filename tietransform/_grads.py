@@ -16,11 +16,11 @@ it cannot prove affine asks for `params` rather than giving a derivative taken s
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from . import _compat
-from ._errors import is_array
 from ._pack import unpack
 from ._paths import format_path
 from ._placeholders import TiedLeaf, is_placeholder
@@ -96,7 +96,7 @@ def unpack_grads(grads: PyTree, spec: TieSpec, params: Any = None) -> PyTree:
 
 
 def _is_float(x: Any) -> bool:
-    return is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)
+    return eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
 def _point_leaves(params: Any, treedef: Any) -> list[Any]:

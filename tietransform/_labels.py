@@ -10,9 +10,9 @@ keep the arrays: on every array child of a placeholder, whatever children it has
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import equinox as eqx
 import jax
 
-from ._errors import is_array
 from ._pack import pack, unpack
 from ._paths import format_path
 from ._placeholders import is_placeholder
@@ -101,7 +101,7 @@ def _broadcast(labels: Any, treedef: Any, paths: Sequence[str]) -> list[Any]:
 def _same(a: Any, b: Any) -> bool:
     if a is b:
         return True
-    if is_array(a) or is_array(b):
+    if eqx.is_array(a) or eqx.is_array(b):
         return False  # compared by identity only: `==` of arrays is elementwise
     try:
         return bool(a == b)

@@ -8,11 +8,12 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import describe_leaf, format_type, is_array, leaf_type
+from ._errors import describe_leaf, format_type, leaf_type
 from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder, is_restored_placeholder
 from ._record import (
     Layout,
@@ -69,7 +70,7 @@ def _types_listing(plan: Plan, leaves: Sequence[Any], indices: Sequence[int]) ->
 def _check_slot(plan: Plan, slot: TieSlot, leaves: Sequence[Any]) -> bool:
     """Checks one slot of a full model; returns whether it ties arrays (else it is left alone)."""
     indices = (slot.canonical, *slot.readers)
-    arrays = [is_array(leaves[i]) for i in indices]
+    arrays = [eqx.is_array(leaves[i]) for i in indices]
     if not any(arrays) and not slot.member_is_leaf:
         return False  # e.g. an activation function inside a tied MLP: not a parameter.
     if not all(arrays):
@@ -137,7 +138,7 @@ def _stack_layouts(plan: Plan, leaves: Sequence[Any]) -> dict[int, StackLayout]:
     for leaf, stacks in _stacks_by_leaf(plan).items():
         x = leaves[leaf]
         path = plan.paths[leaf]
-        if not is_array(x) or not leaf_type(x)[0]:
+        if not eqx.is_array(x) or not leaf_type(x)[0]:
             raise ValueError(
                 f"tt.stack group {stacks[0].group!r} selects {path} ({describe_leaf(x)}), which is "
                 "not a stacked array; stacked ties need an array with a leading axis."
@@ -322,8 +323,8 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
     for slot in plan.slots:
         readers = [leaves[r] for r in slot.readers]
         canonical = leaves[slot.canonical]
-        if not any(is_placeholder(r) or is_array(r) for r in readers) and not is_array(canonical):
-            if not slot.member_is_leaf:
+        if not any(is_placeholder(r) or eqx.is_array(r) for r in readers):
+            if not eqx.is_array(canonical) and not slot.member_is_leaf:
                 continue  # a non-array leaf inside tied subtrees, left alone by `pack`.
         source = plan.paths[slot.canonical]
         for reader, value in zip(slot.readers, readers, strict=True):
@@ -335,7 +336,7 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
                     f"{_show(value)} where tie group {slot.group!r} expects a TiedLeaf reading "
                     f"{source}.{_packed_under(leaves, [layouts[slot.group]])}{_REPACK} {_CONVERT}"
                 )
-        if not is_array(canonical):
+        if not eqx.is_array(canonical):
             raise ValueError(
                 f"The packed params do not match the spec: the canonical leaf {source} of tie "
                 f"group {slot.group!r} holds {_show(canonical)}, not an array."
@@ -396,7 +397,7 @@ def _check_stacked_leaf(path: str, value: Any, stacks: Sequence[StackSlot]) -> S
             f"  packed under: {format_layout(value.layout)}\n"
             f"  this spec:    {format_layout(stack_record_layout(expected))}\n{_CONVERT}"
         )
-    shape = leaf_type(value.data)[0] if is_array(value.data) else None
+    shape = leaf_type(value.data)[0] if eqx.is_array(value.data) else None
     if not shape or shape[0] != len(expected.kept):
         raise ValueError(
             f"The packed params do not match the spec: {path} holds a StackedLeaf whose data is "

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._errors import format_type, is_array, leaf_type
+from .._errors import describe_leaf, format_type, leaf_type
 from .._layout import packed_layout
 from .._pack import pack, unpack
 from .._placeholders import StackedLeaf, TiedLeaf
@@ -66,10 +66,11 @@ def tree_allclose(got: Any, expected: Any, *, summands: int = 1) -> list[str]:
         ]
     problems = []
     for (path, a), b in zip(got_leaves, expected_leaves, strict=True):
-        if not is_array(a):
+        if not eqx.is_array(a):
             continue
         if np.shape(a) != np.shape(b):
-            problems.append(f"{jax.tree_util.keystr(path)}: shape {np.shape(a)} vs {np.shape(b)}")
+            got_type, want_type = describe_leaf(a), describe_leaf(np.asarray(b))
+            problems.append(f"{jax.tree_util.keystr(path)}: {got_type} vs {want_type}")
             continue
         e = _f64(b)
         finite = e[np.isfinite(e)]
@@ -117,7 +118,7 @@ def expected_packed_grads(packed: Any, spec: TieSpec, full_grads: Any) -> tuple[
             terms[i] = StackedLeaf(
                 int(np.bincount(rows).max()), leaf.rows, leaf.groups, leaf.weak_type
             )
-        elif is_array(leaf):
+        elif eqx.is_array(leaf):
             expected[i] = _f64(grads[i])
             scale[i] = float(np.max(np.abs(expected[i]), initial=0.0))
             terms[i] = 1
@@ -161,7 +162,7 @@ def _compare_grads(
     for path, p, g, e, s, n in zip(
         paths, packed_leaves, got_leaves, exp_leaves, scale_leaves, term_leaves, strict=True
     ):
-        if isinstance(p, TiedLeaf) or not (is_array(p) or isinstance(p, StackedLeaf)):
+        if isinstance(p, TiedLeaf) or not (eqx.is_array(p) or isinstance(p, StackedLeaf)):
             continue
         if isinstance(p, StackedLeaf):
             p, g, e, s, n = p.data, g.data, e.data, s.data, n.data
