@@ -1,5 +1,7 @@
 """Placeholders are not arrays: using one as an array says to tie or unpack the model first."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -64,3 +66,35 @@ def test_a_placeholder_record_is_reachable_by_its_key(placeholder):
     (path, record), *_ = reversed(jax.tree_util.tree_flatten_with_path(placeholder)[0])
     assert path[-1].name.startswith("layout_") and record.size == 0
     assert getattr(placeholder, path[-1].name) is record
+
+
+def test_a_stacked_leaf_key_path_names_its_data_field():
+    packed = tt.pack({"w": jnp.ones((3, 2))}, tt.TieSpec(s=tt.stack("w")))
+    (path, data), _ = jax.tree_util.tree_flatten_with_path(packed)[0]
+    assert jax.tree_util.keystr(path) == "['w'].data"
+    assert data is packed["w"].data
+
+
+def test_a_stacked_leaf_repr_shows_the_rows_and_the_type_of_its_data():
+    packed = tt.pack({"w": jnp.ones((3, 2))}, tt.TieSpec(s=tt.stack("w")))
+    assert repr(packed["w"]) == "StackedLeaf(groups=('s',), rows=(0, 0, 0), data=f32[1,2])"
+
+
+def test_tied_leaves_of_one_layout_are_equal_and_hash_alike_whatever_their_records():
+    spec = tt.TieSpec(g=["a", "b"])
+    one, two = (tt.pack({"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2))}, spec)["b"] for _ in "12")
+    assert one.record is not two.record
+    assert one == two and hash(one) == hash(two)
+    assert one != tt.pack({"a": jnp.ones((2, 3)), "b": jnp.ones((2, 3))}, spec)["b"]
+
+
+def test_constructor_arguments_are_normalised():
+    leaf = tt.TiedLeaf("g", "a", [np.int64(2)], "float32", 0)
+    assert (leaf.shape, leaf.dtype, leaf.weak_type) == ((2,), np.dtype(np.float32), False)
+    stacked = tt.StackedLeaf(jnp.ones((1, 2)), [np.int32(0), 0], ["g"], 1)
+    assert (stacked.rows, stacked.groups, stacked.weak_type) == ((0, 0), ("g",), True)
+
+
+def test_placeholders_are_frozen(placeholder):
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        placeholder.layout = None  # type: ignore[misc]

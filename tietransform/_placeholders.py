@@ -1,9 +1,10 @@
 """The nodes that stand in for tied leaves in a packed pytree.
 
-Both are pytree nodes, so JAX transformations, optimizers and serialisers see exactly one array per
-tie: a `TiedLeaf` has one child, its zero-size layout record, and a `StackedLeaf` has two, the
-deduplicated rows of a stacked array (`.data`) and its record. Everything else they know (group,
-source path, shape, dtype, layout) is static aux data, so packing a rebuilt model gives an equal
+Both are frozen dataclasses and pytree nodes, so JAX transformations, optimizers and serialisers
+see exactly one array per tie: a `TiedLeaf` has one child, its zero-size layout record, and a
+`StackedLeaf` has two, the deduplicated rows of a stacked array (key path `.data`) and its record
+(key path `.layout_<fingerprint>`, see `_register`). Their other fields (group, source path,
+shape, dtype, rows, layout) are static aux data, so packing a rebuilt model gives an equal
 treedef and `jax.jit` does not retrace. The record (see `_record.py`) is data, so a checkpoint
 loader fills it from the file: it says which layout the loaded arrays were packed under.
 
@@ -13,7 +14,8 @@ it first. (`jnp` functions such as `jnp.tanh(placeholder)` raise JAX's own `Type
 type: JAX 0.10-0.12 no longer call `__jax_array__` there, so no hook gives a better message.)
 """
 
-from typing import Any
+import dataclasses
+from typing import Any, TypeVar, cast
 
 import jax
 import numpy as np
@@ -58,10 +60,6 @@ class _Placeholder:
             raise AttributeError(_not_an_array_message(self))
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def _record_key(self) -> Any:
-        fp = self.fingerprint
-        return jax.tree_util.GetAttrKey(record_key(fp) if fp else "record")
-
     @property
     def fingerprint(self) -> str | None:
         raise NotImplementedError
@@ -71,133 +69,125 @@ for _method in _ARRAY_METHODS:
     setattr(_Placeholder, _method, _not_an_array)
 
 
+_P = TypeVar("_P", bound=_Placeholder)
+
+
+def _static(**kwargs: Any) -> Any:
+    """A static field, marked the way `jax.tree_util.register_dataclass` reads it."""
+    return dataclasses.field(metadata={"static": True}, **kwargs)
+
+
+def _register(cls: type[_P]) -> type[_P]:
+    """Register a placeholder dataclass as a pytree: its `static` fields are aux data, the others
+    children, each keyed by its field name, except the record, keyed `layout_<fingerprint>`.
+
+    This is what `jax.tree_util.register_dataclass(cls)` would do but for that one key: JAX names
+    a dataclass's children by field name only, and the record's key must carry the layout. Orbax
+    leaves the zero-size records out of a checkpoint but keeps their keys, so the key is the only
+    part of the layout a file keeps: with a fixed key `record`, orbax would restore a checkpoint
+    into a target packed under another spec without a word, and `eqx.combine` would then give
+    arrays of one layout the records of the other, which no later check could catch.
+    """
+    fields = dataclasses.fields(cast(Any, cls))
+    data = tuple(f.name for f in fields if not f.metadata.get("static"))
+    static = tuple(f.name for f in fields if f.metadata.get("static"))
+
+    def key(x: Any, name: str) -> Any:
+        if name == "record" and x.fingerprint:
+            name = record_key(x.fingerprint)
+        return jax.tree_util.GetAttrKey(name)
+
+    def flatten_with_keys(x: Any) -> tuple[list[tuple[Any, Any]], tuple[Any, ...]]:
+        children = [(key(x, name), getattr(x, name)) for name in data]
+        return children, tuple(getattr(x, name) for name in static)
+
+    def flatten(x: Any) -> tuple[list[Any], tuple[Any, ...]]:
+        return [getattr(x, name) for name in data], tuple(getattr(x, name) for name in static)
+
+    def unflatten(aux: tuple[Any, ...], children: Any) -> Any:
+        return cls(**dict(zip(static, aux, strict=True)), **dict(zip(data, children, strict=True)))
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten_with_keys, unflatten, flatten)
+    return cls
+
+
+@_register
+@dataclasses.dataclass(frozen=True, repr=False, slots=True)
 class TiedLeaf(_Placeholder):
     """Marks a leaf of a packed pytree that reads another leaf's buffer.
 
+    Equal (and of equal hash) when all but the record are equal.
+
     **Attributes:**
 
-    - `group`: the tie group's name.
-    - `source`: the path of the canonical leaf (the view's source leaf for views).
-    - `shape`, `dtype`, `weak_type`: the type this leaf has when unpacked.
+    - `group`: static, the tie group's name.
+    - `source`: static, the path of the canonical leaf (the view's source leaf for views).
+    - `shape`, `dtype`, `weak_type`: static, the type this leaf has when unpacked.
     - `layout`: static, the layout it was packed under (group kind, members, canonical, view).
     - `record`: the layout record, a zero-size float32 array whose shape fingerprints the layout
       the arrays were packed under (its pytree key is `layout_<fingerprint>`).
     """
 
-    __slots__ = ("group", "source", "shape", "dtype", "weak_type", "layout", "record")
+    group: str = _static()
+    source: str = _static()
+    shape: tuple[int, ...] = _static()
+    dtype: np.dtype = _static()
+    weak_type: bool = _static()
+    layout: Layout | None = _static(default=None)
+    record: Any = dataclasses.field(default=None, compare=False)
 
-    def __init__(
-        self,
-        group: str,
-        source: str,
-        shape: tuple[int, ...],
-        dtype: Any,
-        weak_type: bool,
-        layout: Layout | None = None,
-        record: Any = None,
-    ):
-        self.group = group
-        self.source = source
-        self.shape = tuple(int(d) for d in shape)
-        self.dtype = np.dtype(dtype)
-        self.weak_type = bool(weak_type)
-        self.layout = layout
-        self.record = record
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        object.__setattr__(self, "weak_type", bool(self.weak_type))
 
     @property
     def fingerprint(self) -> str | None:
         return None if self.layout is None else fingerprint(self.layout, self.source)
-
-    def _key(self) -> tuple[Any, ...]:
-        return (self.group, self.source, self.shape, self.dtype.name, self.weak_type, self.layout)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TiedLeaf) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
 
     def __repr__(self) -> str:
         kind = format_type(self.shape, self.dtype, self.weak_type)
         return f"TiedLeaf(group={self.group!r}, source={self.source!r}, {kind})"
 
 
-def _flatten_tied(x: TiedLeaf) -> tuple[tuple[tuple[Any, Any]], tuple[Any, ...]]:
-    return ((x._record_key(), x.record),), x._key()
-
-
-def _unflatten_tied(aux: tuple[Any, ...], children: Any) -> TiedLeaf:
-    (record,) = children
-    return TiedLeaf(*aux, record=record)
-
-
-jax.tree_util.register_pytree_with_keys(
-    TiedLeaf,
-    _flatten_tied,
-    _unflatten_tied,
-    flatten_func=lambda x: ((x.record,), x._key()),
-)
-
-
+@_register
+@dataclasses.dataclass(frozen=True, eq=False, repr=False, slots=True)
 class StackedLeaf(_Placeholder):
     """A stacked array of shape `(L, ...)` some of whose slices are tied.
+
+    Compared by identity, as arrays are: its `data` is one (compare two with `eqx.tree_equal`).
 
     **Attributes:**
 
     - `data`: the distinct slices, shape `(R, ...)` with `R <= L`.
     - `rows`: static, length `L`: slice `i` of the full array is `data[rows[i]]`.
     - `groups`: static, the names of the tie groups on this array.
-    - `weak_type`: whether the full array is weakly typed.
+    - `weak_type`: static, whether the full array is weakly typed.
     - `layout`: static, the layout it was packed under (each group's slices and kept slice).
     - `record`: the layout record, as for [`tietransform.TiedLeaf`][].
     """
 
-    __slots__ = ("data", "rows", "groups", "weak_type", "layout", "record")
+    data: Any
+    rows: tuple[int, ...] = _static()
+    groups: tuple[str, ...] = _static()
+    weak_type: bool = _static()
+    layout: Layout | None = _static(default=None)
+    record: Any = None
 
-    def __init__(
-        self,
-        data: Any,
-        rows: tuple[int, ...],
-        groups: tuple[str, ...],
-        weak_type: bool,
-        layout: Layout | None = None,
-        record: Any = None,
-    ):
-        self.data = data
-        self.rows = tuple(int(r) for r in rows)
-        self.groups = tuple(groups)
-        self.weak_type = bool(weak_type)
-        self.layout = layout
-        self.record = record
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
+        object.__setattr__(self, "groups", tuple(self.groups))
+        object.__setattr__(self, "weak_type", bool(self.weak_type))
 
     @property
     def fingerprint(self) -> str | None:
         return None if self.layout is None else fingerprint(self.layout)
 
-    def _aux(self) -> tuple[Any, ...]:
-        return (self.rows, self.groups, self.weak_type, self.layout)
-
     def __repr__(self) -> str:
-        data = getattr(self.data, "shape", self.data)
+        data = self.data
+        if hasattr(data, "shape") and hasattr(data, "dtype"):
+            data = format_type(data.shape, data.dtype, self.weak_type)
         return f"StackedLeaf(groups={self.groups}, rows={self.rows}, data={data})"
-
-
-def _flatten_stacked(x: StackedLeaf) -> tuple[tuple[tuple[Any, Any], ...], tuple[Any, ...]]:
-    return ((jax.tree_util.GetAttrKey("data"), x.data), (x._record_key(), x.record)), x._aux()
-
-
-def _unflatten_stacked(aux: tuple[Any, ...], children: Any) -> StackedLeaf:
-    data, record = children
-    rows, groups, weak_type, layout = aux
-    return StackedLeaf(data, rows, groups, weak_type, layout, record)
-
-
-jax.tree_util.register_pytree_with_keys(
-    StackedLeaf,
-    _flatten_stacked,
-    _unflatten_stacked,
-    flatten_func=lambda x: ((x.data, x.record), x._aux()),
-)
 
 
 def is_restored_placeholder(x: Any) -> bool:
