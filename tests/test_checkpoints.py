@@ -222,3 +222,12 @@ def test_a_hand_built_target_less_restore_is_refused():
         "w": {"data": packed["w"].data, stacked_key: None},
     }
     _assert_refused_as_restored_without_target(restored, spec)
+
+
+def test_unpacking_an_unfilled_skeleton_names_the_shape_struct_by_its_short_type():
+    spec = tt.TieSpec(g=["a", "b"])
+    skeleton = eqx.filter_eval_shape(
+        lambda: tt.pack({"a": jnp.ones((4, 3)), "b": jnp.ones((4, 3))}, spec)
+    )
+    with pytest.raises(ValueError, match=r"canonical leaf a .* holds ShapeDtypeStruct f32\[4,3\]"):
+        tt.unpack(skeleton, spec)
