@@ -132,6 +132,18 @@ def _summed(trees):
     return jax.tree.map(lambda *xs: sum(np.asarray(x, np.float64) for x in xs), *trees)
 
 
+def test_a_where_function_may_return_branches_of_an_nnx_state(nnx_split):
+    # `state["blocks"][i]["mlp"]` is a new State around the pytree's inner dict on every read.
+    _, state = nnx_split
+    spec = tt.TieSpec(ffn=lambda s: [s["blocks"][i]["mlp"] for i in range(N)])
+    packed = tt.pack(state, spec)
+    assert jax.tree.structure(packed) == jax.tree.structure(tt.pack(state, NNX_SPEC))
+    np.testing.assert_array_equal(  # the same buffers as the pattern's
+        np.concatenate([np.ravel(x) for x in _buffers(packed)]),
+        np.concatenate([np.ravel(x) for x in _buffers(tt.pack(state, NNX_SPEC))]),
+    )
+
+
 @pytest.mark.parametrize("pattern", ["blocks[*].mlp", "blocks.*.mlp", "['blocks'][*]['mlp']"])
 def test_path_patterns_select_each_blocks_mlp_in_an_nnx_state(nnx_split, pattern):
     _, state = nnx_split

@@ -394,13 +394,16 @@ def _select_where(index: Index, name: str, where: Callable[[Any], Any]) -> list[
             "`lambda m: [b.mlp for b in m.blocks]`, not compute with them."
         ) from error
     picked = list(picked) if isinstance(picked, list | tuple) else [picked]
-    wanted = {id(obj): obj for obj in picked}
+    wanted = {id(x): x for obj in picked for x in (obj, _inner_mapping(obj)) if x is not None}
     located: dict[int, KeyPath] = {}
     with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: id(x) in wanted)
     for path, obj in with_paths:
         if id(obj) in wanted:
             located.setdefault(id(obj), tuple(path))
-    for obj in picked:
+    for obj in picked:  # by identity first, else the mapping a Flax NNX `State` branch wraps
+        inner = _inner_mapping(obj)
+        if id(obj) not in located and inner is not None and id(inner) in located:
+            located[id(obj)] = located[id(inner)]
         if id(obj) in located:
             continue
         inside = _path_of(tree, obj)
@@ -417,6 +420,13 @@ def _select_where(index: Index, name: str, where: Callable[[Any], Any]) -> list[
             "e.g. `lambda m: [b.mlp for b in m.blocks]`."
         )
     return list(dict.fromkeys(located[id(obj)] for obj in picked))
+
+
+def _inner_mapping(obj: Any) -> Any:
+    """The dict a Flax NNX `State` wraps, else None. `state["blocks"]` builds a new `State`
+    around the pytree's inner dict on every read, so the `State` itself is never a node."""
+    inner = getattr(obj, "raw_mapping", None)
+    return inner if isinstance(inner, dict) else None
 
 
 def _empty_nodes(index: Index) -> list[KeyPath]:
