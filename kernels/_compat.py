@@ -58,7 +58,8 @@ def eval_with_plain_adds(closed: Any, *args: Any) -> list[Any]:
 
     Mosaic GPU lowers `add` but has no rule for `add_any`, which every `jax.vjp` emits; the two
     are the same function on arrays. Nested `jit`/`closed_call` jaxprs (e.g. `jax.nn.gelu` is
-    jitted) are evaluated recursively; every other equation is bound as it is.
+    jitted) are evaluated recursively, whichever param holds them; every other equation is bound
+    as it is.
     """
     from jax import lax  # noqa: PLC0415
     from jax.extend import core as jex  # noqa: PLC0415
@@ -73,13 +74,16 @@ def eval_with_plain_adds(closed: Any, *args: Any) -> list[Any]:
         env[var] = val
     for var, val in zip(jaxpr.invars, args, strict=True):
         env[var] = val
-    calls = (jex.primitives.jit_p, jex.primitives.closed_call_p)
+    # Calls of one inner jaxpr, keyed on primitive objects (`closed_call` is named `eval_jaxpr`
+    # from 0.12 on, where `call_p` is the same object).
+    calls = (jex.primitives.jit_p, jex.primitives.closed_call_p, jex.primitives.call_p)
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         if eqn.primitive is jex.primitives.add_jaxvals_p:
             outs = [lax.add(*invals)]
-        elif eqn.primitive in calls and "jaxpr" in eqn.params:
-            outs = eval_with_plain_adds(eqn.params["jaxpr"], *invals)
+        elif eqn.primitive in calls:
+            inner = eqn.params["jaxpr" if "jaxpr" in eqn.params else "call_jaxpr"]
+            outs = eval_with_plain_adds(inner, *invals)
         else:
             # jax 0.10 returns (subfuns, params); 0.12 returns params only.
             bind_params = eqn.primitive.get_bind_params(eqn.params)

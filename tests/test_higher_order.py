@@ -210,3 +210,14 @@ def test_higher_order_primitive_is_rewritten_or_warns_and_matches_the_untied_ref
         with _expectation(rewritten):
             got_grad = jax.jit(jax.grad(loss(tied)))(packed, x)
         assert_trees_close(got_grad, ref_grad, summands=4 * LAYERS)
+
+
+def test_closed_call_is_inlined_without_the_audit_when_ffns_are_routed(params, x):
+    """`tie(..., audit=False, fuse_ffn=True)` walks a `closed_call` (`eval_jaxpr` on jax 0.12)
+    with the routing rules: inlined, no warning, values of the untied reference."""
+    packed = tt.tie(via_closed_call, SPEC, audit=False, fuse_ffn=True)
+    packed_params = tt.pack(params, SPEC)
+    with jax.default_matmul_precision("highest"):
+        got = packed(packed_params, x)
+        reference = _untied(via_closed_call)(packed_params, x)
+    assert_trees_close(got, reference, summands=2 * LAYERS)

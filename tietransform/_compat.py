@@ -5,6 +5,9 @@ Supported: jax 0.10 through 0.12. Drift this module absorbs:
 - 0.11 merged `ClosedJaxpr` into `Jaxpr`; both still expose `.jaxpr` (the open jaxpr to evaluate)
   and `.consts`.
 - 0.11 replaced scan's `num_consts`/`num_carry` params by the flat trees `ft_in`/`ft_out`.
+- 0.12 renamed the `closed_call` primitive `eval_jaxpr` (and made `call_p` the same object). The
+  walkers key their rules on primitive objects from `jax.extend.core.primitives`, never on names,
+  so a rename costs nothing; `CALL_PRIMITIVES` and `CHECKPOINT_PRIMITIVES` are the sets they use.
 - Binding one equation with its source information and context needs
   `jax._src.source_info_util`; it is imported guardedly, and without it equations are still
   bound correctly, only with less precise tracebacks.
@@ -16,6 +19,7 @@ from typing import Any
 import jax
 import jax.core
 import jax.extend.core
+from jax.extend.core import primitives as _primitives
 
 
 try:  # Private, used only to keep user tracebacks pointing at user code.
@@ -32,8 +36,15 @@ SHARDING_TYPE_ERROR: type[Exception] = getattr(
     getattr(getattr(jax, "_src", None), "core", None), "ShardingTypeError", TypeError
 )
 
-JIT_PRIMITIVE_NAMES = frozenset({"jit", "pjit", "closed_call", "core_call"})
-CHECKPOINT_PRIMITIVE_NAMES = frozenset({"checkpoint", "remat", "remat2"})
+# Primitives that call one inner jaxpr once, with the equation's inputs in order, and return its
+# outputs: `jax.jit` (`jit`), `closed_call` (`eval_jaxpr` from 0.12), `call`.
+CALL_PRIMITIVES: frozenset[Any] = frozenset(
+    {_primitives.jit_p, _primitives.closed_call_p, _primitives.call_p}
+)
+# `jax.checkpoint` (`remat2`): a call whose body is recomputed in the backward pass.
+CHECKPOINT_PRIMITIVES: frozenset[Any] = frozenset({_primitives.remat_p})
+# Every primitive `call_jaxpr` reads: walkers that follow dependencies recurse into these.
+CALLS: frozenset[Any] = CALL_PRIMITIVES | CHECKPOINT_PRIMITIVES
 
 
 def split_jaxpr(jaxpr: Any) -> tuple[Any, list[Any]]:
@@ -44,8 +55,9 @@ def split_jaxpr(jaxpr: Any) -> tuple[Any, list[Any]]:
 
 
 def call_jaxpr(eqn: Any) -> tuple[Any, list[Any]]:
-    """`(open jaxpr, consts)` of a call-like equation (`jit`/`pjit` and `checkpoint` keep it in
-    `params["jaxpr"]`, `closed_call`/`core_call` in `params["call_jaxpr"]`)."""
+    """`(open jaxpr, consts)` of an equation of `CALL_PRIMITIVES` or `CHECKPOINT_PRIMITIVES`
+    (`jit` and `checkpoint` keep it in `params["jaxpr"]`, `closed_call`/`eval_jaxpr` and `call`
+    in `params["call_jaxpr"]`)."""
     params = eqn.params
     return split_jaxpr(params["jaxpr"] if "jaxpr" in params else params["call_jaxpr"])
 
@@ -105,7 +117,7 @@ def jax_nn_custom_jvp_name(eqn: Any) -> str | None:
     The name is read from the traced function's debug info (`"relu at .../jax/_src/nn/..."`),
     and only trusted when the function is defined inside `jax.nn`.
     """
-    if eqn.primitive.name != "custom_jvp_call":
+    if eqn.primitive is not _primitives.custom_jvp_call_p:
         return None
     info = getattr(eqn.params.get("call_jaxpr"), "debug_info", None)
     source = getattr(info, "func_src_info", None) or ""

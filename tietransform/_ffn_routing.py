@@ -31,15 +31,18 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import primitives as _primitives
 
 from . import _compat
 
 
-ELEMENTWISE = frozenset(
-    """neg sin cos tan tanh logistic exp exp2 log log1p expm1 sqrt rsqrt cbrt abs sign integer_pow
-    pow mul add sub div max min erf erfc erf_inv square atan asin acos sinh cosh asinh acosh atanh
-    convert_element_type select_n lt gt le ge eq ne copy copy_p""".split()
+ELEMENTWISE: frozenset[Any] = frozenset(
+    getattr(_primitives, f"{name}_p")
+    for name in """neg sin cos tan tanh logistic exp exp2 log log1p expm1 sqrt rsqrt cbrt abs sign
+    integer_pow pow mul add sub div max min erf erfc erf_inv square atan asin acos sinh cosh asinh
+    acosh atanh convert_element_type select_n lt gt le ge eq ne copy""".split()
 )
+# Elementwise primitives, as objects of `jax.extend.core.primitives` (all exist in 0.10-0.12).
 KNOWN_CUSTOM_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "relu6": jax.nn.relu6,
@@ -216,10 +219,9 @@ def _is_elementwise_jaxpr(jaxpr: Any) -> bool:
 
 def _elementwise_kind(eqn: Any) -> str | None:
     """`"prim"`, `"jit"` or a known activation name if `eqn` is elementwise; else None."""
-    name = eqn.primitive.name
-    if name in ELEMENTWISE:
+    if eqn.primitive in ELEMENTWISE:
         return "prim"
-    if name in _compat.JIT_PRIMITIVE_NAMES:
+    if eqn.primitive in _compat.CALL_PRIMITIVES:
         inner, _ = _compat.call_jaxpr(eqn)
         return "jit" if _is_elementwise_jaxpr(inner) else None
     known = _compat.jax_nn_custom_jvp_name(eqn)
@@ -243,7 +245,7 @@ class _Matcher:
     def dot(self, index: int, x_var: Any | None) -> tuple[Any, Any, bool, Any, list[int]] | None:
         """Matches a dot of `x` with a tied rank-2 weight; returns (x, w, transposed, out, eqns)."""
         eqn = self.eqns[index]
-        if eqn.primitive.name != "dot_general":
+        if eqn.primitive is not _primitives.dot_general_p:
             return None
         (contract, batch) = eqn.params["dimension_numbers"]
         if tuple(batch[0]) or tuple(batch[1]):
@@ -263,7 +265,7 @@ class _Matcher:
             if w_pos == 0 and _rank(x) > 1:  # (hidden, tokens...): must be transposed back
                 nxt = self.only_use(out)
                 expected = (*range(1, _rank(x)), 0)
-                if nxt is None or self.eqns[nxt].primitive.name != "transpose":
+                if nxt is None or self.eqns[nxt].primitive is not _primitives.transpose_p:
                     continue
                 if tuple(self.eqns[nxt].params["permutation"]) != expected:
                     continue
@@ -274,7 +276,7 @@ class _Matcher:
     def bias(self, value: Any) -> tuple[Any, Any, list[int]] | None:
         """Matches `value + broadcast(b)` along the last axis; returns (b, out, eqns)."""
         add = self.only_use(value)
-        if add is None or self.eqns[add].primitive.name != "add":
+        if add is None or self.eqns[add].primitive is not _primitives.add_p:
             return None
         other = [v for v in self.eqns[add].invars if v is not value]
         if len(other) != 1 or _compat.is_literal(other[0]):
@@ -292,11 +294,11 @@ class _Matcher:
             if source is None or self.only_use(b) != user:
                 return None
             step = self.eqns[source]
-            if step.primitive.name not in ("broadcast_in_dim", "reshape"):
+            if step.primitive not in (_primitives.broadcast_in_dim_p, _primitives.reshape_p):
                 return None
             if any(d != 1 for d in b.aval.shape[:-1]) or b.aval.shape[-1:] != (width,):
                 return None
-            if step.primitive.name == "broadcast_in_dim" and (
+            if step.primitive is _primitives.broadcast_in_dim_p and (
                 step.params["broadcast_dimensions"][-1:] != (_rank(b) - 1,)
             ):
                 return None
@@ -320,7 +322,7 @@ class _Matcher:
             touched = [v for v in eqn.invars if not _compat.is_literal(v) and v in region_vars]
             if not touched:
                 continue
-            if eqn.primitive.name == "dot_general":
+            if eqn.primitive is _primitives.dot_general_p:
                 (a,) = touched if len(touched) == 1 else (None,)
                 if a is None:
                     return None
@@ -363,7 +365,7 @@ class _Matcher:
         if not region or self.producer.get(a) != region[-1]:
             return None
         mul = self.eqns[region[-1]]
-        if mul.primitive.name != "mul" or any(_compat.is_literal(v) for v in mul.invars):
+        if mul.primitive is not _primitives.mul_p or any(_compat.is_literal(v) for v in mul.invars):
             return None
         depends: dict[Any, set[Any]] = {z0: {z0}, z1: {z1}}
         for i in region[:-1]:
@@ -462,9 +464,9 @@ def tied_through_casts(jaxpr: Any, tied: set[Any]) -> set[Any]:
     bfloat16 and float16 (a mixed-precision loss reads its tied weights through such casts)."""
     out = set(tied)
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name != "convert_element_type" or _compat.is_literal(eqn.invars[0]):
+        if eqn.primitive is not _primitives.convert_element_type_p:
             continue
-        if eqn.invars[0] not in out:
+        if _compat.is_literal(eqn.invars[0]) or eqn.invars[0] not in out:
             continue
         source, target = eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype
         if source in _CAST_DTYPES and target in _CAST_DTYPES:
@@ -483,7 +485,7 @@ def find_ffn_sites(jaxpr: Any, tied: set[Any]) -> dict[int, FFNSite]:
     sites: dict[int, FFNSite] = {}
     taken: set[int] = set()
     for index, eqn in enumerate(jaxpr.eqns):
-        if eqn.primitive.name != "dot_general" or index in taken:
+        if eqn.primitive is not _primitives.dot_general_p or index in taken:
             continue
         site = matcher.site_at(index)
         if site is not None and not (site.consumed & taken):

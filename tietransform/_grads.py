@@ -32,7 +32,7 @@ PyTree = TypeVar("PyTree")
 # Primitives whose one inner jaxpr is called once with the equation's inputs, in order, and
 # returns its outputs: dependencies can be read through them. Any other equation with a tainted
 # input taints all its outputs (loops such as scan feed outputs back into inputs).
-_CALLS = _compat.JIT_PRIMITIVE_NAMES | _compat.CHECKPOINT_PRIMITIVE_NAMES
+_CALLS = _compat.CALLS
 
 
 def unpack_grads(grads: PyTree, spec: TieSpec, params: Any = None) -> PyTree:
@@ -152,7 +152,7 @@ def _depends_on(jaxpr: Any, tainted: Sequence[bool]) -> list[bool]:
             continue
         outputs = [True] * len(eqn.outvars)
         inner = _compat.inner_jaxprs(eqn)
-        if eqn.primitive.name in _CALLS and len(inner) == 1:
+        if eqn.primitive in _CALLS and len(inner) == 1:
             body, _ = _compat.split_jaxpr(inner[0])
             if len(body.invars) == len(eqn.invars) and len(body.outvars) == len(eqn.outvars):
                 outputs = _depends_on(body, inputs)

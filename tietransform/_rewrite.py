@@ -11,7 +11,7 @@ equation that reads it. One rule per higher-order primitive, registered next to 
 | primitive            | what happens to a stacked read                                         |
 |----------------------|-------------------------------------------------------------------------|
 | `scan` (as `xs`)     | scans over `rows` instead, reading `data[row]` in the body: no copy     |
-| `jit`/`pjit`         | the inner jaxpr is evaluated inline, so the rules apply inside          |
+| `jit`, `closed_call` | the inner jaxpr is evaluated inline, so the rules apply inside          |
 | `checkpoint`/`remat` | re-emitted as `jax.checkpoint` with the same policy; rules apply inside |
 | `cond`, `while`, `shard_map`, `custom_*`, `pallas_call`, ... | materialised, with a warning   |
 | elementwise (`convert_element_type`, `mul`, ...) | applied to the kept slices: stays stacked  |
@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend.core import primitives as _primitives
 
 from . import _compat
 from ._errors import StackMaterialisedWarning
@@ -106,11 +107,11 @@ def _recompute_slices(datas: Sequence[Any]) -> Callable[..., bool]:
     read_shapes = {shape[1:] for shape in data_shapes}
 
     def policy(primitive: Any, *avals: Any, **params: Any) -> bool:
-        if primitive.name == "dynamic_slice":
+        if primitive is _primitives.dynamic_slice_p:
             return tuple(avals[0].shape) not in data_shapes
-        if primitive.name == "squeeze":
+        if primitive is _primitives.squeeze_p:
             return tuple(avals[0].shape) not in slice_shapes
-        if primitive.name in ELEMENTWISE and avals:
+        if primitive in ELEMENTWISE and avals:
             return tuple(avals[0].shape) not in read_shapes
         return True
 
@@ -118,7 +119,8 @@ def _recompute_slices(datas: Sequence[Any]) -> Callable[..., bool]:
 
 
 Rule = Callable[[Any, list[Any], list[bool], "Routing | None"], list[Any]]
-_rules: dict[str, Rule] = {}
+_rules: dict[Any, Rule] = {}
+"""Rules of the higher-order primitives, keyed on primitive objects; registered after each rule."""
 
 
 def _is_lazy(x: Any) -> bool:
@@ -152,10 +154,12 @@ def evaluate(
         found = find_ffn_sites(jaxpr, tied_vars)
         decisions = {index: decide(site, routing) for index, site in found.items()}
         sites = {i: s for i, s in found.items() if decisions[i].implementation is not None}
-    descend = routing is not None and any(
-        eqn.primitive.name in _rules
-        and any(v in tied_vars for v in eqn.invars if not _compat.is_literal(v))
-        for eqn in jaxpr.eqns
+
+    def is_tied(atom: Any) -> bool:
+        return not _compat.is_literal(atom) and atom in tied_vars
+
+    descend = any(
+        _needs_rule(eqn, [is_tied(v) for v in eqn.invars], (), routing) for eqn in jaxpr.eqns
     )
     if not (sites or descend or any(_is_lazy(a) for a in args)):
         return _compat.eval_jaxpr(jaxpr, consts, *args)
@@ -176,13 +180,9 @@ def evaluate(
         if index in consumed:
             continue
         invals = [read(v) for v in eqn.invars]
-        tied_in = [
-            _is_lazy(x) or (not _compat.is_literal(v) and v in tied_vars)
-            for v, x in zip(eqn.invars, invals, strict=True)
-        ]
-        if any(_is_lazy(v) for v in invals) or (
-            routing is not None and any(tied_in) and eqn.primitive.name in _rules
-        ):
+        lazy_in = [_is_lazy(x) for x in invals]
+        tied_in = [lazy or is_tied(v) for v, lazy in zip(eqn.invars, lazy_in, strict=True)]
+        if _needs_rule(eqn, tied_in, lazy_in, routing):
             outs = _rule(eqn)(eqn, invals, tied_in, routing)
         else:
             outs = _compat.bind_equation(eqn, invals)
@@ -191,18 +191,28 @@ def evaluate(
     return _materialised([read(v) for v in jaxpr.outvars])
 
 
+def _needs_rule(
+    eqn: Any, tied_in: Sequence[bool], lazy_in: Sequence[bool], routing: Routing | None
+) -> bool:
+    """Whether `eqn` goes through a rule (`_rule(eqn)`) rather than being bound as traced: it
+    reads a stacked read (`lazy_in`), or FFNs are routed and it is a primitive with a rule (scan,
+    jit, checkpoint, ...) reading a tied value (`tied_in`), as FFN sites may be inside it."""
+    return any(lazy_in) or (routing is not None and eqn.primitive in _rules and any(tied_in))
+
+
 def _rule(eqn: Any) -> Rule:
-    name = eqn.primitive.name
-    if name in _rules:
-        return _rules[name]
-    if name in ELEMENTWISE and not _compat.inner_jaxprs(eqn):
+    if eqn.primitive in _rules:
+        return _rules[eqn.primitive]
+    if eqn.primitive in ELEMENTWISE and not _compat.inner_jaxprs(eqn):
         return _elementwise_rule
-    if name in SLICE_READS:
+    if eqn.primitive in SLICE_READS:
         return _slice_read_rule
     return _default_rule
 
 
-SLICE_READS = frozenset({"slice", "dynamic_slice", "gather", "squeeze"})
+SLICE_READS: frozenset[Any] = frozenset(
+    {_primitives.slice_p, _primitives.dynamic_slice_p, _primitives.gather_p, _primitives.squeeze_p}
+)
 
 
 def _warn_materialised(eqn: Any, invals: Sequence[Any]) -> None:
@@ -270,8 +280,8 @@ def _jit_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | 
     return evaluate(inner, consts, invals, tied, routing)
 
 
-for _name in _compat.JIT_PRIMITIVE_NAMES:
-    _rules[_name] = _jit_rule
+for _primitive in _compat.CALL_PRIMITIVES:
+    _rules[_primitive] = _jit_rule
 
 
 def _scan_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None) -> list[Any]:
@@ -298,7 +308,7 @@ def _scan_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing |
     return [*carry, *ys]
 
 
-_rules["scan"] = _scan_rule
+_rules[_primitives.scan_p] = _scan_rule
 
 
 def _checkpoint_rule(
@@ -316,8 +326,8 @@ def _checkpoint_rule(
     return jax.checkpoint(rematerialised, **_compat.checkpoint_options(eqn.params))(*flat)
 
 
-for _name in _compat.CHECKPOINT_PRIMITIVE_NAMES:
-    _rules[_name] = _checkpoint_rule
+for _primitive in _compat.CHECKPOINT_PRIMITIVES:
+    _rules[_primitive] = _checkpoint_rule
 
 
 def live_inputs(jaxpr: Any, live_outputs: Sequence[bool] | None = None) -> list[bool]:
@@ -333,8 +343,7 @@ def live_inputs(jaxpr: Any, live_outputs: Sequence[bool] | None = None) -> list[
         outs_live = [v in live for v in eqn.outvars]
         if not any(outs_live) and not eqn.effects:
             continue
-        name = eqn.primitive.name
-        if name in _compat.JIT_PRIMITIVE_NAMES or name in _compat.CHECKPOINT_PRIMITIVE_NAMES:
+        if eqn.primitive in _compat.CALLS:
             inner, _ = _compat.call_jaxpr(eqn)
             ins_live = (
                 live_inputs(inner, outs_live) if not eqn.effects else [True] * len(eqn.invars)
