@@ -25,7 +25,7 @@ from jax import lax
 
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import kernels  # noqa: E402
+from tietransform import kernels  # noqa: E402
 
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 spec; None where unknown (CPU).

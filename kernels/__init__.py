@@ -1,4 +1,5 @@
-"""Pallas kernels for tietransform. See [`kernels.ffn`][] for the fused shared-FFN kernel."""
+"""Pallas kernels for tietransform, imported as `tietransform.kernels`. See
+[`tietransform.kernels.ffn`][] for the fused shared-FFN kernel."""
 
 from .ffn import (
     SUPPORTED_DTYPES as SUPPORTED_DTYPES,

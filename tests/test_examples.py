@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-import kernels
 import tietransform as tt
 from tests.helpers import array_bytes
+from tietransform import kernels
 from tietransform.testing import check_tied
 
 

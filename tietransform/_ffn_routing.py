@@ -190,7 +190,7 @@ def _uses(jaxpr: Any) -> dict[Any, list[int]]:
 
 
 def _kernel_dtypes() -> tuple[Any, ...]:
-    from kernels import SUPPORTED_DTYPES
+    from .kernels import SUPPORTED_DTYPES
 
     return SUPPORTED_DTYPES
 
@@ -525,7 +525,7 @@ _warned: set[str] = set()
 def decide(site: FFNSite, routing: Routing) -> RoutedFFN:
     """What serves `site` under `routing`, by the kernels' own support rules
     (`kernels.ffn_support`); reported (and, if the kernel was asked for, warned about once)."""
-    from kernels import ffn_support
+    from .kernels import ffn_support
 
     def spec(w: Any, transposed: bool) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(_oriented(w, transposed), w.aval.dtype)
@@ -569,7 +569,7 @@ def _reset_warnings() -> None:
 
 def serve(site: FFNSite, read: Callable[[Any], Any], decision: RoutedFFN) -> Any:
     """Computes the site's output with `kernels.ffn` or `kernels.gated_ffn`."""
-    from kernels import ffn, gated_ffn
+    from .kernels import ffn, gated_ffn
 
     act_dtype = site.act_input.aval.dtype
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-import kernels
+from tietransform import kernels
 
 
 # Kernel vs reference, as max|kernel - reference| / max|reference| (both in float32):

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-import kernels
 from tests.kernels.helpers import Problem, assert_close, scan_loss, tolerance
 from tests.kernels.strategies import block_ms, problems
+from tietransform import kernels
 
 
 def _log_abs(z):

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
 from tests.kernels.helpers import Problem, assert_close, scan_loss
+from tietransform import kernels
 
 
 def _args(m=8, d=4, h=6, dtype=jnp.float32):

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels import _compat
-from kernels.ffn import _pallas_gpu, _pallas_tpu, _vjp
-from kernels.ffn._problem import Gated, Hidden
 from tests.kernels.helpers import Problem, assert_close, scan_loss, tolerance
+from tietransform.kernels import _compat
+from tietransform.kernels.ffn import _pallas_gpu, _pallas_tpu, _vjp
+from tietransform.kernels.ffn._problem import Gated, Hidden
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +106,7 @@ def test_a_compiled_gpu_block_m_is_rounded_up_to_whole_wgmma_rows_and_lowers_for
 
 
 def test_gpu_kernels_fall_back_with_one_warning_for_float32():
-    from kernels.ffn import _api
+    from tietransform.kernels.ffn import _api
 
     _api._reset_warnings()
     data = Problem(32, 64, 128, "float32", "gelu", False, True, 13)

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import kernels
 from tests.kernels.helpers import Problem, scan_loss
+from tietransform import kernels
 
 
 def _values_outside_kernels(jaxpr):
