@@ -3,7 +3,8 @@
 A drawn [`Problem`][] is a model (an Equinox module or nested dicts; blocks as modules or dicts),
 a spec with several declarations at once (plain groups over whole blocks or single leaves, by
 pattern, explicit paths or `where`, any canonical member by path or position; views through random
-functions with one or two targets, from the embedding or from a block weight that no group ties;
+functions with one or two targets, from the embedding or from any block weight, a plain group's
+member or canonical included (a chain: the view reads the group's buffer);
 several stacks with random slices, negative or not), a reading function that reads members more
 than once, through matmuls, inside `vmap`, `lax.cond`, `lax.scan` and
 `jax.checkpoint`, and a random composition of `jit`/`grad`/`vmap` to apply around it.
@@ -305,7 +306,6 @@ def problems(
     declarations: dict[str, Any] = {}
     description: list[str] = []
     ties: list[Tie] = []
-    plain_members: list[tuple[Path, Path]] = []  # (member leaf, its canonical leaf)
 
     for t, n in enumerate(tower_sizes):
         if not draw(st.booleans()):
@@ -335,15 +335,14 @@ def problems(
                 continue
             for sub in [()] if leaf else [("w",), ("b",)]:
                 ties.append(Tie((*q, *sub), (*source, *sub)))
-                plain_members.append(((*q, *sub), (*source, *sub)))
 
     heads = []
-    tied = {m for m, _ in plain_members} | {c for _, c in plain_members}
-    untied_weights = [("towers", t, i, "w") for t, n in enumerate(tower_sizes) for i in range(n)]
-    sources: list[Path] = [("emb",)] + [q for q in untied_weights if q not in tied]
+    weights = [("towers", t, i, "w") for t, n in enumerate(tower_sizes) for i in range(n)]
+    sources: list[Path] = [("emb",), *weights]
     for v in range(draw(st.integers(0, 2))):
         fn_name = draw(st.sampled_from(sorted(VIEW_FNS)))
-        # The embedding, or the weight of a block that no group ties (read by its block too).
+        # The embedding, or a block's weight (read by its block too); a weight that a plain
+        # group ties makes a chain, whose view reads the group's buffer.
         source_path = sources.pop(draw(st.integers(0, len(sources) - 1)) if v else 0)
         shape = jax.eval_shape(VIEW_FNS[fn_name], jax.ShapeDtypeStruct((d, d), jnp.float32)).shape
         targets = [("heads", len(heads) + j) for j in range(draw(st.integers(1, 2)))]
