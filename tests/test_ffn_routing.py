@@ -380,3 +380,18 @@ def test_a_mixed_precision_gated_ffn_stacked_across_a_scan_is_served_in_the_body
     assert [s.served_by for s in sites] == ["kernels.gated_ffn[interpret]"]
     _close_bf16(routed(packed, x), plain(packed, x), BF16_RTOL)
     _close_bf16(jax.grad(routed)(packed, x), jax.grad(plain)(packed, x), BF16_GRAD_RTOL)
+
+
+def test_the_routing_warning_points_at_the_users_call(getkey):
+    with jax.enable_x64(True):
+        params, x = jax.tree.map(lambda a: a.astype(jnp.float64), _mlp_params(getkey))
+        spec = tt.TieSpec(mlp=["a", "b"])
+
+        def loss(p, x):
+            return sum(jnp.sum(jnp.tanh(x @ p[k]["w1"]) @ p[k]["w2"]) for k in ("a", "b"))
+
+        routed = tt.tie(loss, spec, fuse_ffn=INTERPRET)
+        _ffn_routing._reset_warnings()
+        with pytest.warns(RuntimeWarning, match="is left to XLA") as record:
+            jax.jit(routed)(tt.pack(params, spec), x)
+    assert [w.filename for w in record] == [__file__]

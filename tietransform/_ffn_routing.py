@@ -25,6 +25,8 @@ reported to `ffn_routing_report`.
 import contextlib
 import contextvars
 import dataclasses
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
@@ -95,7 +97,7 @@ def routing_for(fuse_ffn: bool | str | None) -> Routing | None:
     raise TypeError(f"fuse_ffn must be None, a bool or an implementation name, got {fuse_ffn!r}.")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class FFNSite:
     """One matched FFN: the equations it replaces and how to call the kernel.
 
@@ -130,7 +132,7 @@ class FFNSite:
         return f"{kind} {self.x.aval.str_short()} -> {hidden} -> {d_out}"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RoutedFFN:
     """A report line: one FFN site on tied weights that `tie` found, and what served it.
 
@@ -542,24 +544,49 @@ def decide(site: FFNSite, routing: Routing) -> RoutedFFN:
     kernel = "kernels.gated_ffn" if site.gated else "kernels.ffn"
     if support.reason is None:
         decision = RoutedFFN(
-            site.describe(),
-            site.activation_name,
-            support.implementation,
-            f"{kernel}[{support.implementation}]",
+            shape=site.describe(),
+            activation=site.activation_name,
+            implementation=support.implementation,
+            served_by=f"{kernel}[{support.implementation}]",
         )
     else:
-        decision = RoutedFFN(site.describe(), site.activation_name, None, "XLA", support.reason)
+        decision = RoutedFFN(
+            shape=site.describe(),
+            activation=site.activation_name,
+            implementation=None,
+            served_by="XLA",
+            reason=support.reason,
+        )
         message = (
             f"tie(fuse_ffn={routing.implementation!r}): {decision.shape}, activation "
             f"{decision.activation}, is left to XLA: {support.reason}."
         )
         if routing.warns and message not in _warned:
             _warned.add(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
     report = _report.get()
     if report is not None:
         report.append(decision)
     return decision
+
+
+# tietransform's files (also through the `kernels` symlink's real path) and JAX's.
+_INTERNAL_DIRS = tuple(
+    {
+        os.path.dirname(path) + os.sep
+        for source in (__file__, jax.__file__ or "")
+        for path in (os.path.abspath(source), os.path.realpath(source))
+    }
+)
+
+
+def _user_stacklevel() -> int:
+    """The `stacklevel` for a warning raised by this module's caller that points at the user's
+    code: the first frame outside tietransform and JAX (tracing nests both to varying depths)."""
+    frame, level = sys._getframe(2), 2  # 1 is the function calling `warnings.warn`
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _reset_warnings() -> None:

@@ -13,6 +13,19 @@ __all__ = ["SUPPORTED_DTYPES", "check_ffn_args"]
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+# Short dtype names, as tietransform's messages print types (`f32[256,64]`); kernels import
+# nothing of tietransform, so the table is repeated here.
+_SHORT_DTYPES = {"float64": "f64", "float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+_SHORT_DTYPES |= {f"{k}{n}": f"{k[0]}{n}" for k in ("int", "uint") for n in (8, 16, 32, 64)}
+_SHORT_DTYPES |= {"complex64": "c64", "complex128": "c128"}
+
+
+def format_type(shape: Sequence[int], dtype: object) -> str:
+    """`f32[256,64]`: an array's dtype and shape, as in tietransform's messages."""
+    name = jnp.dtype(dtype).name  # type: ignore[arg-type]
+    return f"{_SHORT_DTYPES.get(name, name)}[{','.join(str(d) for d in shape)}]"
+
+
 def _describe(name: str, a: object) -> str:
     if a is None:
         return f"  {name}: None"
@@ -20,7 +33,7 @@ def _describe(name: str, a: object) -> str:
     dtype = getattr(a, "dtype", None)
     if shape is None or dtype is None:
         return f"  {name}: {type(a).__name__} (not an array)"
-    return f"  {name}: {jnp.dtype(dtype).name}{list(shape)}"
+    return f"  {name}: {format_type(shape, dtype)}"
 
 
 def _fail(problem: str, args: Sequence[tuple[str, object]], fix: str) -> ValueError:

@@ -63,7 +63,7 @@ def test_wrong_weight_shape_names_the_argument():
     x, w1, b1, w2, b2 = _args()
     with pytest.raises(ValueError, match=r"`w1` must have shape \(d, hidden\)") as e:
         kernels.ffn(x, w1.T, b1, w2, b2)
-    assert "w1: float32[6, 4]" in str(e.value)
+    assert "w1: f32[6,4]" in str(e.value)
 
 
 def test_wrong_bias_shape_names_the_argument():
@@ -82,7 +82,7 @@ def test_mixed_dtypes_are_rejected_with_every_dtype_listed():
     x, w1, b1, w2, b2 = _args()
     with pytest.raises(ValueError, match="all arguments must have the same dtype") as e:
         kernels.ffn(x, w1.astype(jnp.bfloat16), b1, w2, b2)
-    assert "w1: bfloat16[4, 6]" in str(e.value) and "x: float32[8, 4]" in str(e.value)
+    assert "w1: bf16[4,6]" in str(e.value) and "x: f32[8,4]" in str(e.value)
 
 
 def test_integer_dtype_is_rejected():
