@@ -63,13 +63,12 @@ def test_kernels_never_import_tietransform():
     importers = []
     for source in sorted((ROOT / "kernels").rglob("*.py")):
         for node in ast.walk(ast.parse(source.read_text())):
-            names = (
-                [a.name for a in node.names]
-                if isinstance(node, ast.Import)
-                else [node.module or ""]
-                if isinstance(node, ast.ImportFrom) and node.level == 0
-                else []
-            )
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
             if any(n.split(".")[0] in ("tietransform", "kernels") for n in names):
                 importers.append(f"{source.relative_to(ROOT)}:{node.lineno}")
     assert importers == []
