@@ -2,9 +2,10 @@
 
 from typing import Any
 
+import equinox as eqx
 import numpy as np
 
-from ._errors import is_array, leaf_type
+from ._errors import leaf_type
 from ._layout import PackedLayout, packed_layout
 from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder
 from ._resolve import GroupPlan, Plan, flatten, plan_for
@@ -67,7 +68,7 @@ def describe(params: Any, spec: TieSpec) -> str:
             packed_bytes += _nbytes(shape, dtype)
             for name, tied in layout.stacks[index].slices.items():
                 saved[name] += (len(tied) - 1) * _nbytes(shape[1:], dtype)
-        elif is_array(leaf):
+        elif eqx.is_array(leaf):
             packed_bytes += _nbytes(*leaf_type(leaf)[:2])
     total_saved = sum(saved.values())
     stacked = {g.name: _stack_slices(layout, g) for g in plan.groups if g.kind == "stack"}

@@ -34,9 +34,10 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 
-from ._errors import format_type, is_array, leaf_type
+from ._errors import format_type, leaf_type
 from ._paths import KeyPath, Segment, format_path, matches, nearest, parse_pattern, segments
 from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder
 from ._record import fn_name
@@ -523,7 +524,7 @@ def full_shape(x: Any) -> tuple[int, ...] | None:
         return None if data is None else (len(x.rows), *tuple(data)[1:])
     if isinstance(x, TiedLeaf):
         return x.shape
-    return leaf_type(x)[0] if is_array(x) else None
+    return leaf_type(x)[0] if eqx.is_array(x) else None
 
 
 def _full_type(x: Any) -> str:
