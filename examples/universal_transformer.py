@@ -17,7 +17,14 @@ every lower digit, so it takes rounds of (causal) attention to propagate; digit 
 are drawn often, to make long carry chains common.
 
     python examples/universal_transformer.py [--n 4] [--width 64] [--steps 1500] [--seed 0]
-        [--precision float32|bfloat16|mixed]
+        [--precision float32|bfloat16|mixed] [--devices N] [--param-sharding replicated|fsdp]
+
+`--devices N` trains data-parallel on the first `N` visible devices (`jax.devices()`): the batch
+is split over a one-axis mesh `("data",)`, the step runs under `jax.set_mesh(mesh)` and XLA sums
+the gradients over the shards. `--param-sharding fsdp` also shards every parameter (the tied FFN
+buffer included) and the Adam state on its largest axis that the devices divide; `replicated`
+(the default) keeps a copy per device. On CPU,
+`XLA_FLAGS=--xla_force_host_platform_device_count=4` gives four devices to try it.
 
 `--precision`: `float32` (the default; what trains best on CPU), `bfloat16` (weights, optimizer
 state and compute in bfloat16) or `mixed` (float32 master weights and optimizer state, cast to
@@ -27,6 +34,7 @@ the script prints what served it. Training shows a progress bar when `tqdm` is i
 """
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import time
@@ -36,7 +44,9 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import tietransform as tt
@@ -239,6 +249,52 @@ def tied_loss_for(precision: Precision) -> Callable:
     return tied_mixed_loss if precision == "mixed" else tied_loss
 
 
+# -- many devices -----------------------------------------------------------------------------
+
+
+ParamSharding = Literal["replicated", "fsdp"]
+
+
+def data_mesh(devices: int) -> Mesh:
+    """A one-axis mesh `("data",)` over the first `devices` visible devices (auto sharding)."""
+    available = jax.devices()
+    if not 1 <= devices <= len(available):
+        raise ValueError(f"--devices must be in 1..{len(available)} here, got {devices}.")
+    return Mesh(np.array(available[:devices]), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def param_spec(shape: tuple[int, ...], devices: int, param_sharding: ParamSharding) -> P:
+    """`P()` (replicated), or for FSDP the largest axis of `shape` that `devices` divides.
+
+    Zero-size leaves (the layout records of packed placeholders, `(0, k1, k2, k3)`) hold no data
+    and stay replicated: a jitted step returns them so, and the next call reuses its program."""
+    if param_sharding == "replicated" or math.prod(shape) == 0:
+        return P()
+    fits = [i for i, size in enumerate(shape) if size % devices == 0 and size >= devices]
+    if not fits:
+        return P()
+    axis = max(fits, key=lambda i: shape[i])
+    return P(*(None,) * axis, "data")
+
+
+def place(tree, mesh: Mesh, param_sharding: ParamSharding, *, traced: bool = False):
+    """Every array leaf of `tree` (packed params, their optimizer state) put on `mesh`.
+
+    `traced=True` inside `jit`: constrains the leaves instead, so that the step returns them as
+    they came in (and the next call reuses the compiled step)."""
+    devices = mesh.shape["data"]
+
+    def put(leaf):
+        if not eqx.is_array(leaf):
+            return leaf
+        sharding = NamedSharding(mesh, param_spec(leaf.shape, devices, param_sharding))
+        if traced:
+            return jax.lax.with_sharding_constraint(leaf, sharding)
+        return jax.device_put(leaf, sharding)
+
+    return jax.tree.map(put, tree)
+
+
 @dataclasses.dataclass
 class Metrics:
     """What `train` measured. `losses`/`accuracies` are per logged step (`steps_logged`)."""
@@ -257,17 +313,31 @@ def make_step(
     batch: int,
     digits: int,
     precision: Precision = "float32",
+    mesh: Mesh | None = None,
+    param_sharding: ParamSharding = "replicated",
+    objective: Callable | None = None,
 ) -> Callable:
-    """The jitted training step `(packed, opt_state, key) -> (packed, opt_state, loss, acc)`."""
-    objective = tied_loss_for(precision)
+    """The jitted training step `(packed, opt_state, key) -> (packed, opt_state, loss, acc)`.
+
+    With a `mesh`, the batch is drawn split over its `"data"` axis (call the step under
+    `jax.set_mesh(mesh)`) and the params and optimizer state come back placed as
+    `place(..., param_sharding)` put them. `objective` defaults to the precision's tied loss."""
+    objective = objective or tied_loss_for(precision)
 
     @eqx.filter_jit
     def step(packed, opt_state, key):
         tokens, targets = addition_batch(key, batch, digits)
+        if mesh is not None:
+            tokens, targets = jax.lax.with_sharding_constraint(
+                (tokens, targets), NamedSharding(mesh, P("data"))
+            )
         loss_and_grad = eqx.filter_value_and_grad(objective, has_aux=True)
         (loss, accuracy), grads = loss_and_grad(packed, tokens, targets)
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(packed, eqx.is_array))
-        return eqx.apply_updates(packed, updates), opt_state, loss, accuracy
+        packed = eqx.apply_updates(packed, updates)
+        if mesh is not None:
+            packed, opt_state = place((packed, opt_state), mesh, param_sharding, traced=True)
+        return packed, opt_state, loss, accuracy
 
     return step
 
@@ -311,14 +381,52 @@ def train(
     seed: int = 0,
     log_every: int = 50,
     precision: Precision = "float32",
+    devices: int = 1,
+    param_sharding: ParamSharding = "replicated",
     progress: bool = False,
     verbose: bool = False,
 ) -> Metrics:
     """Train the tied Universal Transformer on addition; return the metrics and the packed model.
 
-    `precision`: see the module docstring."""
+    `precision`, `devices`, `param_sharding`: see the module docstring."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if batch % devices:
+        raise ValueError(f"--batch ({batch}) must be a multiple of --devices ({devices}).")
+    mesh = data_mesh(devices) if devices > 1 else None
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        return _train(
+            n,
+            width,
+            digits,
+            steps,
+            batch,
+            lr,
+            seed,
+            log_every,
+            precision,
+            mesh,
+            param_sharding,
+            progress,
+            verbose,
+        )
+
+
+def _train(
+    n,
+    width,
+    digits,
+    steps,
+    batch,
+    lr,
+    seed,
+    log_every,
+    precision,
+    mesh,
+    param_sharding,
+    progress,
+    verbose,
+) -> Metrics:
     k_model, k_train, k_eval = jax.random.split(jax.random.key(seed), 3)
     packed = tt.pack(_build_jitted(n, width, digits, k_model), SPEC)
     if precision == "bfloat16":
@@ -331,7 +439,9 @@ def train(
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10 + 1), steps)
     optimizer = optax.adamw(schedule, weight_decay=0.01)
     opt_state = optimizer.init(eqx.filter(packed, eqx.is_array))
-    step = make_step(optimizer, batch, digits, precision)
+    if mesh is not None:
+        packed, opt_state = place((packed, opt_state), mesh, param_sharding)
+    step = make_step(optimizer, batch, digits, precision, mesh, param_sharding)
     logged: tuple[list[int], list[float], list[float]] = ([], [], [])
     bar = _progress_bar(steps) if progress else None
     if verbose:
@@ -379,13 +489,23 @@ def main() -> None:
         default="float32",
         help="float32 (default), bfloat16, or mixed (float32 weights, bfloat16 compute)",
     )
+    parser.add_argument(
+        "--devices", type=int, default=1, help="split the batch over this many devices"
+    )
+    parser.add_argument(
+        "--param-sharding",
+        choices=("replicated", "fsdp"),
+        default="replicated",
+        help="with --devices > 1: replicate the parameters, or shard them (FSDP)",
+    )
     args = parser.parse_args()
     if args.n < 2:
         parser.error("--n must be at least 2: with one repetition there is nothing to share.")
     device = jax.devices()[0].device_kind
+    placement = f"{args.devices} devices, {args.param_sharding} params" if args.devices > 1 else ""
     print(
         f"jax {jax.__version__} on {device}; {args.n} repetitions, width {args.width}, "
-        f"{args.precision}"
+        f"{args.precision}" + (f"; {placement}" if placement else "")
     )
     metrics = train(**vars(args), progress=True, verbose=True)
     print(f"training loss {metrics.losses[0]:.3f} -> {metrics.losses[-1]:.4f}")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from . import _pallas_gpu, _pallas_tpu
+from . import _pallas_gpu, _pallas_tpu, _sharded
 from ._problem import Activation, Gated, Hidden, HiddenFn
 from ._reference import problem_reference, problem_reference_remat
 from ._validate import SUPPORTED_DTYPES, check_ffn_args
@@ -144,22 +144,47 @@ def _dispatch(fn_name, phi, x, ws, bs, w_out, b_out, implementation, backend, bl
     _check_block(fn_name, "block_m", block_m)
     _check_block(fn_name, "block_h", block_h)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    out: jax.Array | None = None
     if implementation in ("pallas", "interpret"):
+        axes = _sharded.token_axes(x) if x.ndim >= 2 else ()
+        n = _sharded.shards(axes) if axes else 1
+        if x.shape[0] % n:
+            _warn_once(
+                f"{fn_name}: x's leading axis ({x.shape[0]}) does not split into {n} shards over "
+                f"the mesh axes {axes}; the kernel runs on the whole of x (gathered). Make the "
+                "batch a multiple of the number of devices."
+            )
+            axes, n = (), 1
+        local_tokens = math.prod(lead) // n
         try:
-            plan = _plan(phi, x2, ws, w_out, implementation, backend, block_m, block_h)
+            _plan(phi, _rows(local_tokens, x), ws, w_out, implementation, backend, block_m, block_h)
         except NotImplementedError as e:
             _warn_once(
                 f"{fn_name}: the Pallas kernel cannot serve this call ({e}); "
                 "falling back to the XLA reference."
             )
         else:
-            out = fused_ffn(plan, x2, ws, bs, w_out, b_out)
-    if out is None:
-        ref = problem_reference_remat if implementation == "xla_remat" else problem_reference
-        out = ref(phi, x2, ws, bs, w_out, b_out)
-    return out.reshape(*lead, w_out.shape[1])
+
+            def fused(x, *operands):
+                ws_, bs_, (w_out_, b_out_) = (
+                    operands[: len(ws)],
+                    operands[len(ws) : 2 * len(ws)],
+                    operands[2 * len(ws) :],
+                )
+                x2 = x.reshape(-1, x.shape[-1])
+                plan = _plan(phi, x2, ws_, w_out_, implementation, backend, block_m, block_h)
+                out = fused_ffn(plan, x2, tuple(ws_), tuple(bs_), w_out_, b_out_)
+                return out.reshape(*x.shape[:-1], w_out_.shape[1])
+
+            if axes:
+                return _sharded.per_shard(fused, axes, x, *ws, *bs, w_out, b_out)
+            return fused(x, *ws, *bs, w_out, b_out)
+    x2 = x.reshape(-1, x.shape[-1])
+    ref = problem_reference_remat if implementation == "xla_remat" else problem_reference
+    return ref(phi, x2, ws, bs, w_out, b_out).reshape(*lead, w_out.shape[1])
+
+
+def _rows(tokens: int, x) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((tokens, x.shape[-1]), x.dtype)
 
 
 def ffn(
