@@ -37,9 +37,13 @@ hypothesis.settings.register_profile(
     print_blob=True,
     suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
+# `dev`: 2500 examples per property (settable with TIETRANSFORM_DEV_EXAMPLES), so one dev run of
+# the property suite (three full and two half-sized properties, and the lifecycle machine) tries
+# well over 10^4 examples in total. Hours on two cores: the main property compiles ~20 programs
+# per example.
 hypothesis.settings.register_profile(
     "dev",
-    max_examples=300,
+    max_examples=int(os.environ.get("TIETRANSFORM_DEV_EXAMPLES", "2500")),
     deadline=None,
     print_blob=True,
     suppress_health_check=[hypothesis.HealthCheck.too_slow],
