@@ -10,6 +10,7 @@ sizes is activations, not weights.
 import importlib.util
 import pathlib
 import re
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -46,7 +47,7 @@ def setup():
     return packed, tokens, targets, one_device
 
 
-def _grad_fn(objective):
+def _grad_fn(objective) -> Any:
     return eqx.filter_jit(eqx.filter_value_and_grad(lambda *a: objective(*a)[0]))
 
 

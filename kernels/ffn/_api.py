@@ -172,7 +172,7 @@ def _dispatch(fn_name, phi, x, ws, bs, w_out, b_out, implementation, backend, bl
                 )
                 x2 = x.reshape(-1, x.shape[-1])
                 plan = _plan(phi, x2, ws_, w_out_, implementation, backend, block_m, block_h)
-                out = fused_ffn(plan, x2, tuple(ws_), tuple(bs_), w_out_, b_out_)
+                out: jax.Array = fused_ffn(plan, x2, tuple(ws_), tuple(bs_), w_out_, b_out_)
                 return out.reshape(*x.shape[:-1], w_out_.shape[1])
 
             if axes:
