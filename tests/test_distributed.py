@@ -103,13 +103,6 @@ def _pallas_call_input_shapes(jaxpr) -> list[tuple[int, ...]]:
     return found
 
 
-@pytest.mark.xfail(
-    raises=ValueError,
-    strict=False,
-    reason="tietransform/_ffn_routing.py re-binds the activation's equations under their "
-    "trace-time mesh context (Auto), which jax refuses inside the kernel's shard_map (Manual); "
-    "passes once routing binds elementwise equations without the equation's context",
-)
 def test_fused_ffn_in_a_sharded_step_runs_per_shard_and_gives_the_unrouted_gradients(setup):
     packed, tokens, targets, expected = setup
     routed = _grad_fn(tt.tie(ut.loss_fn, ut.SPEC, fuse_ffn=True))

@@ -124,3 +124,14 @@ def jax_nn_custom_jvp_name(eqn: Any) -> str | None:
     name, _, where = source.partition(" at ")
     normalised = where.replace("\\", "/")
     return name if "jax/_src/nn/" in normalised else None
+
+
+def bind_elementwise(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+    """Binds an elementwise equation without re-entering its trace-time context.
+
+    The context may hold the mesh the function was traced under (`Auto` axes); re-entered inside
+    a `shard_map` (`Manual` axes), as the fused kernel's per-shard body is, JAX refuses it.
+    Elementwise primitives do not depend on the mesh, so their context is not needed.
+    """
+    out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+    return list(out) if eqn.primitive.multiple_results else [out]

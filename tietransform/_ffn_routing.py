@@ -501,7 +501,7 @@ def _eval_elementwise(eqns: Sequence[Any], env: dict[Any, Any]) -> None:
         invals = [v.val if _compat.is_literal(v) else env[v] for v in eqn.invars]
         kind = _elementwise_kind(eqn)
         if kind == "prim":
-            outs = _compat.bind_equation(eqn, invals)
+            outs = _compat.bind_elementwise(eqn, invals)
         elif kind == "jit":
             inner, consts = _compat.call_jaxpr(eqn)
             inner_env = dict(
