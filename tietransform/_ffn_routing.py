@@ -29,7 +29,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -232,6 +232,53 @@ def _elementwise_kind(eqn: Any) -> str | None:
     return None
 
 
+class _Dot(NamedTuple):
+    """`x @ w` (or `w`-first, transposed back): `out` is its value, `eqns` what it spans."""
+
+    x: Any
+    w: Any
+    transposed: bool
+    out: Any
+    eqns: list[int]
+
+
+class _Bias(NamedTuple):
+    """`value + broadcast(b)` along the last axis."""
+
+    b: Any
+    out: Any
+    eqns: list[int]
+
+
+class _Region(NamedTuple):
+    """An elementwise region whose value `a` is consumed by the dot at equation `dot`."""
+
+    eqns: list[int]
+    a: Any
+    dot: int
+
+
+class _Projection(NamedTuple):
+    """`x @ W (+ b)`: `value` is the projection's output."""
+
+    x: Any
+    w: Any
+    transposed: bool
+    b: Any
+    value: Any
+    eqns: list[int]
+
+
+class _GateSplit(NamedTuple):
+    """A gated region `act(z_gate) * z_up`: the gate's pre-activation, its activation value, the
+    gate's equations, and the multiply's index."""
+
+    z_gate: Any
+    gate: Any
+    eqns: list[int]
+    mul: int
+
+
 class _Matcher:
     def __init__(self, jaxpr: Any, tied: set[Any]):
         self.jaxpr = jaxpr
@@ -244,8 +291,8 @@ class _Matcher:
         uses = self.uses.get(var, [])
         return uses[0] if len(uses) == 1 and uses[0] >= 0 else None
 
-    def dot(self, index: int, x_var: Any | None) -> tuple[Any, Any, bool, Any, list[int]] | None:
-        """Matches a dot of `x` with a tied rank-2 weight; returns (x, w, transposed, out, eqns)."""
+    def dot(self, index: int, x_var: Any | None) -> _Dot | None:
+        """Matches a dot of `x` with a tied rank-2 weight."""
         eqn = self.eqns[index]
         if eqn.primitive is not _primitives.dot_general_p:
             return None
@@ -272,11 +319,11 @@ class _Matcher:
                 if tuple(self.eqns[nxt].params["permutation"]) != expected:
                     continue
                 out, consumed = self.eqns[nxt].outvars[0], [index, nxt]
-            return x, w, w_contract == (1,), out, consumed
+            return _Dot(x, w, w_contract == (1,), out, consumed)
         return None
 
-    def bias(self, value: Any) -> tuple[Any, Any, list[int]] | None:
-        """Matches `value + broadcast(b)` along the last axis; returns (b, out, eqns)."""
+    def bias(self, value: Any) -> _Bias | None:
+        """Matches `value + broadcast(b)` along the last axis."""
         add = self.only_use(value)
         if add is None or self.eqns[add].primitive is not _primitives.add_p:
             return None
@@ -286,7 +333,7 @@ class _Matcher:
         (b,) = other
         width = value.aval.shape[-1]
         if b.aval.shape == (width,) and _rank(value) == 1:
-            return b, self.eqns[add].outvars[0], [add]
+            return _Bias(b, self.eqns[add].outvars[0], [add])
         # b is the vector reshaped to (1, ..., 1, width) by one or more broadcasts/reshapes
         # (vmap adds one): walk back through them to the vector.
         chain: list[int] = []
@@ -309,12 +356,10 @@ class _Matcher:
             if _compat.is_literal(b):
                 return None
             if b.aval.shape == (width,):
-                return b, self.eqns[add].outvars[0], [*chain, add]
+                return _Bias(b, self.eqns[add].outvars[0], [*chain, add])
 
-    def region(
-        self, starts: Sequence[Any], after: int, skip: Sequence[int] = ()
-    ) -> tuple[list[int], Any, int] | None:
-        """The elementwise region from `starts` up to the dot that consumes it: (eqns, a, dot)."""
+    def region(self, starts: Sequence[Any], after: int, skip: Sequence[int] = ()) -> _Region | None:
+        """The elementwise region from `starts` up to the dot that consumes it."""
         region_vars, region = set(starts), []
         shape = starts[0].aval.shape
         for index in range(after + 1, len(self.eqns)):
@@ -335,7 +380,7 @@ class _Matcher:
                         for u in self.uses.get(var, [])
                     ):
                         return None
-                return region, a, index
+                return _Region(region, a, index)
             others = [v for v in eqn.invars if not _compat.is_literal(v) and v not in region_vars]
             if others or _elementwise_kind(eqn) is None:
                 return None
@@ -345,10 +390,8 @@ class _Matcher:
             region_vars.update(eqn.outvars)
         return None
 
-    def projection(
-        self, index: int, x_var: Any | None
-    ) -> tuple[Any, Any, bool, Any, Any, list[int]] | None:
-        """`x @ W (+ b)` at equation `index`: (x, W, transposed, b, value, eqns)."""
+    def projection(self, index: int, x_var: Any | None) -> _Projection | None:
+        """`x @ W (+ b)` at equation `index`."""
         first = self.dot(index, x_var)
         if first is None:
             return None
@@ -358,12 +401,10 @@ class _Matcher:
         if bias is not None:
             b, h, more = bias
             consumed = consumed + more
-        return x, w, w_t, b, h, consumed
+        return _Projection(x, w, w_t, b, h, consumed)
 
-    def gate_and_up(
-        self, region: list[int], a: Any, z0: Any, z1: Any
-    ) -> tuple[Any, Any, list[int], int] | None:
-        """Splits a gated region `act(z_g) * z_u` into (z_g, act(z_g), gate eqns, mul index)."""
+    def gate_and_up(self, region: list[int], a: Any, z0: Any, z1: Any) -> _GateSplit | None:
+        """Splits a gated region `act(z_g) * z_u` into the gate's part and the multiply."""
         if not region or self.producer.get(a) != region[-1]:
             return None
         mul = self.eqns[region[-1]]
@@ -378,7 +419,7 @@ class _Matcher:
         for gate_side, up_side in ((p, q), (q, p)):
             for z_g, z_u in ((z0, z1), (z1, z0)):
                 if up_side is z_u and depends.get(gate_side) == {z_g}:
-                    return z_g, gate_side, region[:-1], region[-1]
+                    return _GateSplit(z_g, gate_side, region[:-1], region[-1])
         return None
 
     def site_at(self, index: int) -> FFNSite | None:
@@ -394,7 +435,7 @@ class _Matcher:
             if other == index or other in consumed:
                 continue
             second = self.projection(other, x)
-            if second is None or second[1] is w1 or second[1].aval.shape != w1.aval.shape:
+            if second is None or second.w is w1 or second.w.aval.shape != w1.aval.shape:
                 continue
             _, w_o, w_o_t, b_o, h_o, more = second
             if (w_o_t != w1_t) or set(more) & set(consumed):
