@@ -52,7 +52,9 @@ def _read_all(params: Any, x: jax.Array) -> jax.Array:
     if "stack" in params:
 
         def step(carry: jax.Array, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
-            carry = jnp.tanh(carry * 0.9 + jnp.sum(jnp.sin(layer + carry)))
+            # A mean, not a sum: the tanh's argument stays within +-1.9, so it never saturates
+            # to exactly 1.0 in float32 (a zero gradient for every slice).
+            carry = jnp.tanh(carry * 0.9 + jnp.mean(jnp.sin(layer + carry)))
             return carry, carry
 
         carry, _ = lax.scan(step, x, params["stack"])
