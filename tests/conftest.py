@@ -9,6 +9,8 @@
 - Hypothesis profiles follow JAX's own: `ci` (the default; bounded examples, derandomized, no
   deadline, no example database) and `dev` (many more examples). Choose with the environment
   variable `TIETRANSFORM_HYPOTHESIS_PROFILE`.
+- Tests run on one pytest-xdist worker per available core (`-n auto` in pyproject's addopts);
+  `-n 0` runs them in one process.
 """
 
 import os
@@ -49,6 +51,18 @@ hypothesis.settings.register_profile(
     suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
 hypothesis.settings.load_profile(os.environ.get("TIETRANSFORM_HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject's addopts): one worker per core this process may run on.
+
+    xdist's default asks psutil for the host's physical cores, which overcounts in a container
+    pinned to fewer; every worker holds its own JAX runtime, so extra workers cost memory and gain
+    nothing.
+    """
+    del config
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def pytest_configure(config):
