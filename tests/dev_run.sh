@@ -8,30 +8,37 @@
 #           compiled parameters (1250)
 #   lane 2: main property (1250, seed 2)  then  lifecycle state machine (2500)
 #
-# Usage: bash tests/dev_run.sh [LOG_DIR]   (PYTHON defaults to .venv/bin/python)
-# Hours on two cores. Prints each lane's pytest summary and hypothesis statistics to LOG_DIR.
+# Usage: bash tests/dev_run.sh [LOG_DIR] [all|main|rest]   (PYTHON defaults to .venv/bin/python)
+#   main: only the main property's two halves; rest: only the other properties and the lifecycle.
+# Hours on two cores. Writes each part's pytest output and hypothesis statistics to LOG_DIR, and
+# one line per part (start, end, exit code, pytest's summary) to LOG_DIR/lanes.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG="${1:-dev-run-logs}"
+PART="${2:-all}"
 PY="${PYTHON:-.venv/bin/python}"
 mkdir -p "$LOG"
 export TIETRANSFORM_HYPOTHESIS_PROFILE=dev
 main=tests/test_properties.py::test_tied_values_and_gradients_equal_the_untied_reference_summed_over_members
 run() {  # run NAME EXAMPLES SEED TESTS...
-  local name=$1 n=$2 seed=$3; shift 3
-  echo "$(date -u +%FT%TZ) start $name ($n examples, seed $seed)" >>"$LOG/lanes.txt"
-  TIETRANSFORM_DEV_EXAMPLES=$n "$PY" -m pytest -q -p no:cacheprovider --hypothesis-seed="$seed" \
-    --hypothesis-show-statistics "$@" >"$LOG/$name.txt" 2>&1
-  echo "$(date -u +%FT%TZ) end $name rc=$? $(tail -1 "$LOG/$name.txt")" >>"$LOG/lanes.txt"
+  local name=$1 n=$2 seed=$3 rc=0
+  shift 3
+  echo "$(date -u +%FT%TZ) start $name ($n examples, seed $seed) at $(git rev-parse --short HEAD)" \
+    >>"$LOG/lanes.txt"
+  TIETRANSFORM_DEV_EXAMPLES=$n "$PY" -m pytest -q -p no:cacheprovider -n 0 \
+    --hypothesis-seed="$seed" --hypothesis-show-statistics "$@" >"$LOG/$name.txt" 2>&1 || rc=$?
+  echo "$(date -u +%FT%TZ) end $name exit $rc: $(tail -n 1 "$LOG/$name.txt")" >>"$LOG/lanes.txt"
 }
-(
-  run main-seed1 1250 1 "$main"
+secondary() {
   run secondary 2500 3 tests/test_properties.py \
     -k "not test_tied_values_and_gradients_equal_the_untied_reference_summed_over_members"
-) &
-(
-  run main-seed2 1250 2 "$main"
-  run lifecycle 2500 4 tests/test_lifecycle.py
-) &
+}
+case "$PART" in
+  all) (run main-seed1 1250 1 "$main"; secondary) & (run main-seed2 1250 2 "$main"; \
+    run lifecycle 2500 4 tests/test_lifecycle.py) & ;;
+  main) run main-seed1 1250 1 "$main" & run main-seed2 1250 2 "$main" & ;;
+  rest) secondary & run lifecycle 2500 4 tests/test_lifecycle.py & ;;
+  *) echo "unknown part '$PART' (all, main or rest)" >&2; exit 2 ;;
+esac
 wait
 cat "$LOG/lanes.txt"

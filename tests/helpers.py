@@ -4,11 +4,20 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
 
 from tietransform.testing import tolerance, tree_allclose
 
 
-__all__ = ["Block", "Stack", "Tower", "assert_trees_close", "hlo_parameter_count", "tolerance"]
+__all__ = [
+    "Block",
+    "Stack",
+    "Tower",
+    "assert_trees_close",
+    "hlo_parameter_count",
+    "rounding_depth",
+    "tolerance",
+]
 
 
 class Block(eqx.Module):
@@ -82,3 +91,40 @@ def float_leaves(tree) -> list[np.ndarray]:
 def array_bytes(tree) -> int:
     """Bytes held by the array leaves of `tree`."""
     return sum(x.nbytes for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array)))
+
+
+def rounding_depth(jaxpr: jex_core.Jaxpr | jex_core.ClosedJaxpr) -> int:
+    """An upper bound on the number of roundings along any path through `jaxpr`.
+
+    Two programs that compute the same real function (a tied program and its untied reference)
+    are compiled by XLA with different fusions, FMA contractions and reduction orders, so every
+    rounding on a path may differ between them. Counted: one per equation; a `dot_general` two per
+    contracted term (a product and its sum), a reduction one per accumulated term; a `scan` body
+    `length` times; a `cond` its deepest branch. A `while` body counts once (its trip count is
+    not static), so a program with a data-dependent loop is not bounded by this count.
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    depth = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "cond":
+            depth += 1 + max(rounding_depth(b) for b in eqn.params["branches"])
+            continue
+        inner = [
+            rounding_depth(v)
+            for v in eqn.params.values()
+            if isinstance(v, (jex_core.Jaxpr, jex_core.ClosedJaxpr))
+        ]
+        if inner:
+            depth += 1 + sum(inner) * (eqn.params["length"] if name == "scan" else 1)
+        elif name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            shape = eqn.invars[0].aval.shape
+            depth += 2 * int(np.prod([shape[d] for d in contract], dtype=np.int64))
+        elif name.startswith("reduce_") or name in ("argmax", "argmin", "cumsum"):
+            size = int(np.prod(eqn.invars[0].aval.shape, dtype=np.int64))
+            out = max(int(np.prod(eqn.outvars[0].aval.shape, dtype=np.int64)), 1)
+            depth += max(size // out, 1)
+        else:
+            depth += 1
+    return depth

@@ -188,8 +188,13 @@ class Problem:
     def materialise(self, params: Any) -> Any:
         return materialise(params, self.ties, self.stacks)
 
-    def expected_grads(self, full_grads: Any) -> dict[Path, tuple[np.ndarray, float, int]]:
-        return expected_grads(full_grads, self.materialise(self.params), self.ties, self.stacks)
+    def expected_grads(
+        self, full_grads: Any, params: Any = None
+    ) -> dict[Path, tuple[np.ndarray, float, int]]:
+        """See `expected_grads`; views are pulled back at `params` (default: the drawn ones; pass
+        them converted to the dtype the gradients were computed in)."""
+        at = self.materialise(self.params if params is None else params)
+        return expected_grads(full_grads, at, self.ties, self.stacks)
 
     def __repr__(self) -> str:
         return f"Problem({self.description})"
