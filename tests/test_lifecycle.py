@@ -194,7 +194,11 @@ class ModelLife(RuleBasedStateMachine):
         with jax.default_matmul_precision("highest"):  # f32 matmuls, not TF32 on GPUs
             value, grads = _tied_value_and_grad(self.spec)(self.packed)
             expected_value, full_grads = _reference_value_and_grad(self.truth)
-        assert np.allclose(value, expected_value, rtol=1e-5), (value, expected_value)
+        # Normwise, as `_assert_close`: the loss sums 14 terms each within [-1, 1] (sines, tanh),
+        # so the two programs' roundings differ by a few float32 eps in absolute terms, however
+        # much the terms cancel (a dev run drew a loss of 0.005 off by 1.2e-7).
+        error = abs(float(value) - float(expected_value))
+        assert error <= 1e-5 * max(1.0, abs(float(expected_value))), (value, expected_value)
         _, ties, stacks = SPECS[self.spec]
         summed = expected_grads(full_grads, self.truth, tuple(ties), stacks)
         ref_grads = {k: jnp.asarray(summed[(k,)][0], jnp.float32) for k in self._buffers()}
