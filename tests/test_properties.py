@@ -101,10 +101,9 @@ def test_unpack_of_pack_is_the_model_with_members_replaced_by_their_canonical_va
 @_HALF
 def test_tied_gradients_match_finite_differences_in_float64(problem):
     with jax.enable_x64(True):
-        params = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), problem.params)
+        params, x = _as(np.float64, problem.params), _as(np.float64, problem.x)
         packed = tt.pack(params, problem.spec)
         tied = tt.tie(problem.fn, problem.spec)
-        x = jnp.asarray(np.asarray(problem.x, np.float64))
         # Central differences in float64. check_grads steps along a standard normal tangent t
         # (|t| ~ sqrt(#params), 5-10 here), so its step is eps * |t|, and the truncation error
         # (eps |t|)^2 f''' / 6 grows with the model: at eps = 1e-3, then at 1e-5, dev runs drew
