@@ -75,9 +75,11 @@ def test_a_stacked_leaf_key_path_names_its_data_field():
     assert data is packed["w"].data
 
 
-def test_a_stacked_leaf_repr_shows_the_rows_and_the_type_of_its_data():
+def test_a_stacked_leaf_repr_shows_its_full_type_groups_rows_and_data_on_one_line():
     packed = tt.pack({"w": jnp.ones((3, 2))}, tt.TieSpec(s=tt.stack("w")))
-    assert repr(packed["w"]) == "StackedLeaf(groups=('s',), rows=(0, 0, 0), data=f32[1,2])"
+    assert (
+        repr(packed["w"]) == "StackedLeaf(f32[3,2], groups=('s',), rows [0, 0, 0] of data f32[1,2])"
+    )
 
 
 def test_tied_leaves_of_one_layout_are_equal_and_hash_alike_whatever_their_records():

@@ -16,8 +16,10 @@ import numpy as np
 from ._errors import describe_leaf, format_type, leaf_type
 from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder, is_restored_placeholder
 from ._record import (
+    RECORD_NDIM,
     Layout,
     fingerprint,
+    fingerprint_of_record,
     fn_name,
     format_layout,
     record_of,
@@ -56,10 +58,34 @@ class FullLayout:
 @dataclasses.dataclass(frozen=True)
 class PackedLayout:
     """How to rebuild a full model from packed leaves; `stacks` maps each stacked leaf's index
-    to its layout."""
+    to its layout. `mapped` maps each tie group to the number of leading axes its placeholders
+    have and its buffers lack: 1 inside `jax.vmap` over packed params (an ensemble), else 0."""
 
     slots: tuple[TieSlot, ...]
     stacks: dict[int, StackLayout]
+    mapped: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def record_holders(slots: Sequence[TieSlot]) -> dict[str, int]:
+    """The leaf that holds each tie group's layout record: the group's first placeholder."""
+    holders: dict[str, int] = {}
+    for slot in slots:
+        if slot.readers:
+            holders.setdefault(slot.group, slot.readers[0])
+    return holders
+
+
+def _is_cast(packed: np.dtype, now: np.dtype) -> bool:
+    """Whether a buffer packed as `packed` and now `now` was cast between float dtypes (as
+    mixed-precision code casts whole packed trees); members then read the cast buffer."""
+    return bool(jnp.issubdtype(packed, jnp.floating) and jnp.issubdtype(now, jnp.floating))
+
+
+_CAST_INSIDE = (
+    "Casting packed params is supported between float dtypes only; for any other cast, cast "
+    "inside the tied function (e.g. `jax.tree.map(lambda a: a.astype(dtype), model)` as its "
+    "first line)."
+)
 
 
 def _types_listing(plan: Plan, leaves: Sequence[Any], indices: Sequence[int]) -> str:
@@ -138,7 +164,9 @@ def _stack_layouts(plan: Plan, leaves: Sequence[Any]) -> dict[int, StackLayout]:
     for leaf, stacks in _stacks_by_leaf(plan).items():
         x = leaves[leaf]
         path = plan.paths[leaf]
-        if not eqx.is_array(x) or not leaf_type(x)[0]:
+        if not eqx.is_array(x):
+            continue  # a non-array leaf inside a stacked subtree (plan_for refuses it as a member)
+        if not leaf_type(x)[0]:
             raise ValueError(
                 f"tt.stack group {stacks[0].group!r} selects {path} ({describe_leaf(x)}), which is "
                 "not a stacked array; stacked ties need an array with a leading axis."
@@ -272,22 +300,33 @@ def _packed_under(leaves: Sequence[Any], expected: Sequence[Layout]) -> str:
     )
 
 
-def _check_record(path: str, value: TiedLeaf | StackedLeaf, expected: Layout, source: str) -> None:
+def _mapped_axes(record: Any) -> int:
+    """How many leading axes a record (and so its group's buffers) lost: 1 inside `jax.vmap`."""
+    shape = record_of(record)
+    return RECORD_NDIM - len(shape) if shape is not None and len(shape) < RECORD_NDIM else 0
+
+
+def _check_record(path: str, value: TiedLeaf | StackedLeaf, expected: Layout) -> None:
     """Raises unless the layout record of `value` (data, e.g. from a file) is `expected`'s."""
     found = record_of(value.record)
-    want = record_shape(fingerprint(expected, source))
-    if found == want:
-        return
+    want = fingerprint_of_record(record_shape(fingerprint(expected)))
+    if found is not None and len(found) in (RECORD_NDIM, RECORD_NDIM - 1):
+        if fingerprint_of_record(found) == want:
+            return
     if found is None:
         raise ValueError(
-            f"The packed params have lost a layout record: {path} holds {value!r} whose record "
+            f"The packed params have lost a layout record: {path} holds {value!r}, whose record "
             f"(the zero-size array under its key `layout_...`) is {value.record!r}; was it "
             "filtered out before saving? Put the records back from a packed skeleton, e.g. "
             "`eqx.combine(restored, skeleton)`, or pack the params again with "
             "`tt.pack(params, spec)`."
         )
-    own = None if value.layout is None else record_shape(fingerprint(value.layout, source))
-    if found == own:
+    own = (
+        None
+        if value.layout is None
+        else fingerprint_of_record(record_shape(fingerprint(value.layout)))
+    )
+    if fingerprint_of_record(found) == own:
         raise ValueError(
             f"The packed params were packed under another layout: {path} was packed under "
             f"{format_layout(value.layout)}; this spec makes it {format_layout(expected)}. "
@@ -298,12 +337,13 @@ def _check_record(path: str, value: TiedLeaf | StackedLeaf, expected: Layout, so
         if value.layout == expected
         else f"a skeleton packed under {format_layout(value.layout)}"
     )
+    wanted = format_type(record_shape(fingerprint(expected), found[0]), np.float32)
     raise ValueError(
         f"The packed params were packed under another layout: the arrays at {path} carry the "
         f"layout record {format_type(found, np.float32)}, which is not this spec's "
-        f"({format_layout(expected)}, record {format_type(want, np.float32)}). They were saved "
-        f"under another spec and loaded into {loaded_into}. Load them into a skeleton packed "
-        "under the spec they were saved with, then convert them: "
+        f"({format_layout(expected)}, record {wanted}). "
+        f"They were saved under another spec and loaded into {loaded_into}. Load them into a "
+        "skeleton packed under the spec they were saved with, then convert them: "
         "`tt.pack(tt.unpack(params, old_spec), new_spec)`."
     )
 
@@ -319,6 +359,7 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
     refuse_restored_without_target(plan, leaves)
     layouts = tie_layouts(plan)
     slots = []
+    mapped: dict[str, int] = {}
     expected_placeholders: set[int] = set()
     for slot in plan.slots:
         readers = [leaves[r] for r in slot.readers]
@@ -342,23 +383,31 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
                 f"group {slot.group!r} holds {_show(canonical)}, not an array."
                 f"{_packed_under(leaves, [layouts[slot.group]])}{_REPACK} {_CONVERT}"
             )
+        if slot.readers and slot.group not in mapped:
+            mapped[slot.group] = _mapped_axes(readers[0].record)
         if slot.fn is None:
             have = leaf_type(canonical)
+            axes = mapped.get(slot.group, 0)
             for reader, value in zip(slot.readers, readers, strict=True):
                 # Weak type may differ: optimizers (e.g. optax.apply_updates) drop it from the
-                # canonical buffer, as they would from every member of an untied model.
-                if (value.shape, value.dtype) != have[:2]:
+                # canonical buffer, as they would from every member of an untied model. A float
+                # dtype may differ too: a cast packed tree, whose members read the cast buffer.
+                if value.shape[axes:] != have[0] or (
+                    value.dtype != have[1] and not _is_cast(value.dtype, have[1])
+                ):
+                    fix = _REPACK if value.shape[axes:] != have[0] else _CAST_INSIDE
                     raise ValueError(
                         f"The packed params do not match the spec: {source} "
                         f"is {format_type(*have)} but was packed as "
                         f"{format_type(value.shape, value.dtype, value.weak_type)} (its reader "
-                        f"{plan.paths[reader]}). {_REPACK}"
+                        f"{plan.paths[reader]}). {fix}"
                     )
         expected_placeholders.update(slot.readers)
         slots.append(slot)
     stacks = {
         leaf: _check_stacked_leaf(plan.paths[leaf], leaves[leaf], stack_slots)
         for leaf, stack_slots in sorted(_stacks_by_leaf(plan).items())
+        if eqx.is_array(leaves[leaf]) or is_placeholder(leaves[leaf])
     }
     expected_placeholders.update(stacks)
     for index, (path, leaf) in enumerate(zip(plan.paths, leaves, strict=True)):
@@ -369,14 +418,11 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
                 f"{_REPACK} {_CONVERT}"
             )
     # The structure fits; now the records (data, e.g. from a file) must be this spec's too.
-    for slot in slots:
-        for reader in slot.readers:
-            _check_record(
-                plan.paths[reader], leaves[reader], layouts[slot.group], plan.paths[slot.canonical]
-            )
+    for group, holder in record_holders(slots).items():
+        _check_record(plan.paths[holder], leaves[holder], layouts[group])
     for leaf, stack in stacks.items():
-        _check_record(plan.paths[leaf], leaves[leaf], stack_record_layout(stack), "")
-    return PackedLayout(tuple(slots), stacks)
+        _check_record(plan.paths[leaf], leaves[leaf], stack_record_layout(stack))
+    return PackedLayout(tuple(slots), stacks, mapped)
 
 
 def _check_stacked_leaf(path: str, value: Any, stacks: Sequence[StackSlot]) -> StackLayout:
@@ -408,10 +454,18 @@ def _check_stacked_leaf(path: str, value: Any, stacks: Sequence[StackSlot]) -> S
     return expected
 
 
-def check_view_output(plan: Plan, slot: TieSlot, reader: int, value: Any, expect: TiedLeaf) -> None:
-    """Raises if a view produced a value whose type does not fit the member it stands for."""
+def check_view_output(
+    plan: Plan, slot: TieSlot, reader: int, value: Any, expect: TiedLeaf, mapped: int = 0
+) -> None:
+    """Raises if a view produced a value whose type does not fit the member it stands for.
+
+    `mapped` leading axes of the member's recorded shape are mapped over (`jax.vmap` of packed
+    params); a float dtype other than the recorded one is a cast packed tree's (members read the
+    cast buffer)."""
     got = leaf_type(value)
-    want = (expect.shape, expect.dtype, expect.weak_type)
+    want = (expect.shape[mapped:], expect.dtype, expect.weak_type)
+    if got[0] == want[0] and got[1] != want[1] and _is_cast(want[1], got[1]):
+        return
     if got != want:
         raise ValueError(
             f"The function of view {slot.group!r} applied to {plan.paths[slot.canonical]} gives "
@@ -444,7 +498,8 @@ def full_leaves(
                 out[reader] = source
             else:
                 value = slot.fn(source)
-                check_view_output(plan, slot, reader, value, leaves[reader])
+                mapped = layout.mapped.get(slot.group, 0)
+                check_view_output(plan, slot, reader, value, leaves[reader], mapped)
                 out[reader] = value
     for leaf in layout.stacks:
         stacked_leaf = leaves[leaf]

@@ -14,11 +14,12 @@ from ._layout import (
     full_layout,
     full_leaves,
     packed_layout,
+    record_holders,
     stack_record_layout,
     tie_layouts,
 )
 from ._placeholders import StackedLeaf, TiedLeaf
-from ._record import fingerprint, new_record
+from ._record import fingerprint, new_record, record_lead
 from ._resolve import Plan, flatten, plan_for
 from ._spec import TieSpec
 
@@ -47,10 +48,11 @@ def pack(
     A pytree of the same type. Each group's canonical leaves keep their values; every other member
     leaf becomes a [`tietransform.TiedLeaf`][], and each stacked array with tied slices becomes a
     [`tietransform.StackedLeaf`][] holding only its distinct slices. `jax.tree.leaves` of the
-    result therefore lists one array per buffer, and so do gradients, optimizer states and
-    checkpoints made from it, plus one zero-size float32 *layout record* per placeholder (no
-    bytes; its shape fingerprints the layout, so that params loaded under another spec are
-    refused; see the checkpoints guide).
+    result therefore lists one array per buffer (every leaf the full model has, less the tied
+    members), and so do gradients, optimizer states and checkpoints made from it, plus one
+    zero-size float32 *layout record* per tie group and per stacked array (no bytes; its shape
+    fingerprints the layout, so that params loaded under another spec are refused; see the
+    checkpoints guide). A `TieSpec()` without groups packs nothing: the result equals `params`.
 
     **Raises:**
 
@@ -65,20 +67,24 @@ def pack(
         _check_equal(plan, layout, leaves)
     out = [_copy(x) if copy else x for x in leaves]
     layouts = tie_layouts(plan)
+    holders = record_holders(layout.slots)
     for slot in layout.slots:
         source, group_layout = plan.paths[slot.canonical], layouts[slot.group]
-        record = fingerprint(group_layout, source)
         for reader in slot.readers:
+            record = None
+            if holders.get(slot.group) == reader:
+                lead = record_lead(leaf_type(leaves[slot.canonical])[0])
+                record = new_record(fingerprint(group_layout), lead)
             out[reader] = TiedLeaf(
                 slot.group,
                 source,
                 *leaf_type(leaves[reader]),
                 layout=group_layout,
-                record=new_record(record),
+                record=record,
             )
     for leaf, stack in layout.stacks.items():
         try:
-            data = jnp.take(leaves[leaf], np.asarray(stack.kept, dtype=np.int32), axis=0)
+            data = _take_rows(leaves[leaf], stack.kept)
         except _compat.SHARDING_TYPE_ERROR as error:
             raise ValueError(
                 f"tt.pack cannot gather the kept slices {list(stack.kept)} of {plan.paths[leaf]} "
@@ -94,7 +100,7 @@ def pack(
             stack.groups,
             leaf_type(leaves[leaf])[2],
             layout=recorded,
-            record=new_record(fingerprint(recorded)),
+            record=new_record(fingerprint(recorded), len(stack.kept)),
         )
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -128,9 +134,28 @@ def unpack(packed: PyTree, spec: TieSpec) -> PyTree:
 
 
 def _copy(x: Any) -> Any:
+    """A copy of a concrete array, made by the runtime (no program is compiled for it)."""
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        return jnp.array(x, copy=True)
+        return jax.device_put(x, x.sharding, may_alias=False)
     return x
+
+
+def _on_one_cpu(x: Any) -> bool:
+    return (
+        isinstance(x, jax.Array)
+        and not isinstance(x, jax.core.Tracer)
+        and len(x.sharding.device_set) == 1
+        and next(iter(x.sharding.device_set)).platform == "cpu"
+    )
+
+
+def _take_rows(x: Any, kept: tuple[int, ...]) -> Any:
+    """`x[kept]`, the kept slices of a stacked array. On one CPU device the rows are gathered
+    in host memory (a view of the same buffer) and put back, as compiling a gather costs tens of
+    milliseconds per shape; elsewhere (accelerators, sharded arrays, tracers) `jnp.take`."""
+    if _on_one_cpu(x) and not leaf_type(x)[2]:  # a host copy would lose the weak type
+        return jax.device_put(np.asarray(x)[np.asarray(kept)], x.sharding)
+    return jnp.take(x, np.asarray(kept, dtype=np.int32), axis=0)
 
 
 def _concrete(x: Any, path: str) -> np.ndarray:

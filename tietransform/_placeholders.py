@@ -1,12 +1,16 @@
 """The nodes that stand in for tied leaves in a packed pytree.
 
 Both are frozen dataclasses and pytree nodes, so JAX transformations, optimizers and serialisers
-see exactly one array per tie: a `TiedLeaf` has one child, its zero-size layout record, and a
-`StackedLeaf` has two, the deduplicated rows of a stacked array (key path `.data`) and its record
-(key path `.layout_<fingerprint>`, see `_register`). Their other fields (group, source path,
-shape, dtype, rows, layout) are static aux data, so packing a rebuilt model gives an equal
-treedef and `jax.jit` does not retrace. The record (see `_record.py`) is data, so a checkpoint
-loader fills it from the file: it says which layout the loaded arrays were packed under.
+see one array per buffer: a `StackedLeaf` holds the deduplicated rows of a stacked array (key
+path `.data`), and one placeholder per tie group (its first member; each `StackedLeaf`) also holds
+the group's zero-size layout record (key path `.layout_<fingerprint>`, see `_register`); every
+other `TiedLeaf` holds no array at all. Their other fields (group, source path, shape, dtype,
+rows, layout) are static aux data, so packing a rebuilt model gives an equal treedef and
+`jax.jit` does not retrace. The record (see `_record.py`) is data, so a checkpoint loader fills
+it from the file: it says which layout the loaded arrays were packed under.
+
+Printed (`repr`, `eqx.tree_pformat`, the repr of a gradient or optimizer state), a placeholder is
+one line: its type when unpacked, its group, and where its value lives.
 
 They are not arrays: arithmetic, indexing, iteration and conversion (`np.asarray`,
 `jnp.asarray`) raise a `TypeError` that says to call the model through `tt.tie` or to `tt.unpack`
@@ -63,6 +67,13 @@ class _Placeholder:
     @property
     def fingerprint(self) -> str | None:
         raise NotImplementedError
+
+    def __pdoc__(self, **kwargs: Any) -> Any:
+        """One line in Equinox's tree printing (wadler_lindig), as in `repr`."""
+        del kwargs
+        import wadler_lindig
+
+        return wadler_lindig.TextDoc(repr(self))
 
 
 for _method in _ARRAY_METHODS:
@@ -124,8 +135,9 @@ class TiedLeaf(_Placeholder):
     - `source`: static, the path of the canonical leaf (the view's source leaf for views).
     - `shape`, `dtype`, `weak_type`: static, the type this leaf has when unpacked.
     - `layout`: static, the layout it was packed under (group kind, members, canonical, view).
-    - `record`: the layout record, a zero-size float32 array whose shape fingerprints the layout
-      the arrays were packed under (its pytree key is `layout_<fingerprint>`).
+    - `record`: the group's layout record on the group's first placeholder, `None` on the others:
+      a zero-size float32 array whose shape fingerprints the layout the arrays were packed under
+      (its pytree key is `layout_<fingerprint>`).
     """
 
     group: str = _static()
@@ -133,8 +145,8 @@ class TiedLeaf(_Placeholder):
     shape: tuple[int, ...] = _static()
     dtype: np.dtype = _static()
     weak_type: bool = _static()
-    layout: Layout | None = _static(default=None)
-    record: Any = dataclasses.field(default=None, compare=False)
+    layout: Layout | None = _static(default=None, repr=False)
+    record: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -143,11 +155,13 @@ class TiedLeaf(_Placeholder):
 
     @property
     def fingerprint(self) -> str | None:
-        return None if self.layout is None else fingerprint(self.layout, self.source)
+        return None if self.layout is None else fingerprint(self.layout)
 
     def __repr__(self) -> str:
         kind = format_type(self.shape, self.dtype, self.weak_type)
-        return f"TiedLeaf(group={self.group!r}, source={self.source!r}, {kind})"
+        fn = self.layout[4] if self.layout is not None and self.layout[0] == "view" else None
+        reads = self.source if fn is None else f"{fn}({self.source})"
+        return f"TiedLeaf({kind}, group={self.group!r}, reads {reads})"
 
 
 @_register
@@ -164,15 +178,15 @@ class StackedLeaf(_Placeholder):
     - `groups`: static, the names of the tie groups on this array.
     - `weak_type`: static, whether the full array is weakly typed.
     - `layout`: static, the layout it was packed under (each group's slices and kept slice).
-    - `record`: the layout record, as for [`tietransform.TiedLeaf`][].
+    - `record`: its layout record, as for [`tietransform.TiedLeaf`][].
     """
 
     data: Any
     rows: tuple[int, ...] = _static()
     groups: tuple[str, ...] = _static()
     weak_type: bool = _static()
-    layout: Layout | None = _static(default=None)
-    record: Any = None
+    layout: Layout | None = _static(default=None, repr=False)
+    record: Any = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
@@ -186,8 +200,12 @@ class StackedLeaf(_Placeholder):
     def __repr__(self) -> str:
         data = self.data
         if hasattr(data, "shape") and hasattr(data, "dtype"):
-            data = format_type(data.shape, data.dtype, self.weak_type)
-        return f"StackedLeaf(groups={self.groups}, rows={self.rows}, data={data})"
+            full = format_type((len(self.rows), *data.shape[1:]), data.dtype, self.weak_type)
+            return (
+                f"StackedLeaf({full}, groups={self.groups}, rows {list(self.rows)} of "
+                f"data {format_type(data.shape, data.dtype)})"
+            )
+        return f"StackedLeaf(groups={self.groups}, rows {list(self.rows)}, data={data!r})"
 
 
 def is_restored_placeholder(x: Any) -> bool:

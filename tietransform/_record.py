@@ -1,13 +1,16 @@
-"""Layout records: what a placeholder remembers about the layout it was packed under.
+"""Layout records: what packed params remember about the layout they were packed under.
 
-A *layout* says how one placeholder's leaf is rebuilt: for a `TiedLeaf`, its group's kind, name,
+A *layout* says how placeholders are rebuilt: for a plain tie or view group, its kind, name,
 members, canonical member and view function; for a `StackedLeaf`, each of its groups' tied slices
 and kept slice. It is kept twice:
 
-- as static aux data of the placeholder (`layout`), which a loader takes from its skeleton;
-- as data: the placeholder's one extra child, a zero-size float32 array (the *record*) whose
-  shape `(0, k1, k2, k3)` is a fingerprint of the layout. A loader fills it from the file,
-  so it says what the arrays were packed under. Zero elements: no bytes, nothing for an
+- as static aux data of every placeholder (`layout`), which a loader takes from its skeleton;
+- as data: ONE zero-size float32 array per tie group (and per stacked array), the *record*,
+  held by the group's first placeholder. Its shape `(lead, 0, k1, k2)` ends in a fingerprint of
+  the layout; `lead` is the leading axis of the buffer it describes (1 for a scalar), so that
+  mapping packed params over their leading axis (`jax.vmap` of an ensemble) and sharding them
+  leaf by leaf treat the record as they treat its buffer. A loader fills the record from the
+  file, so it says what the arrays were packed under. Zero elements: no bytes, nothing for an
   optimizer or weight decay to change, a zero-size gradient; its shape is static under `jit`,
   so it is checked at trace time, and loaders that compare shapes (`eqx.tree_deserialise_leaves`)
   refuse a file whose layouts differ from the skeleton's.
@@ -22,7 +25,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax.numpy as jnp
+import jax
+import numpy as np
 
 
 Layout = tuple[Any, ...]
@@ -61,33 +65,46 @@ def stack_layout(length: int, slices: dict[str, tuple[int, ...]], kept: dict[str
     return ("stack", int(length), tuple((g, tuple(s), int(kept[g])) for g, s in slices.items()))
 
 
-@functools.lru_cache(maxsize=4096)  # checked for every placeholder on every (traced) call
-def fingerprint(layout: Layout, source: str = "") -> str:
-    """16 hex digits from a stable hash of `layout` (and a TiedLeaf's source leaf path)."""
-    text = repr((layout, source)).encode()
+@functools.lru_cache(maxsize=4096)  # checked for every group on every (traced) call
+def fingerprint(layout: Layout) -> str:
+    """16 hex digits from a stable hash of `layout`."""
+    text = repr(layout).encode()
     return hashlib.blake2b(text, digest_size=8).hexdigest()
 
 
-# Every non-zero dimension of a record is a multiple of this (2^8 * 3 * 5), so that sharding a
-# record's axis over a mesh axis of 2, 3, 4, 5, 6, 8, ... 256 devices divides evenly, as when one
-# sharding is applied to every leaf of packed params. Dimensions stay below 2^20 (XLA's strides
-# of a rank-4 shape stay far from int64 overflow).
+# Each fingerprint dimension of a record is a multiple of this (2^8 * 3 * 5), so that sharding
+# any axis of a record over a mesh axis of 2, 3, 4, 5, 6, 8, ... 256 devices divides evenly.
+# Dimensions stay below 2^20, so that strides stay far from int64 overflow.
 _MULTIPLE = 3840
+_FINGERPRINT_DIMS = 2  # 16 bits of the fingerprint in the shape (the pytree key holds all 64)
+RECORD_NDIM = 2 + _FINGERPRINT_DIMS  # (lead, 0, k1, k2)
 
 
-def record_shape(fingerprint_hex: str) -> tuple[int, ...]:
-    """The shape `(0, k1, k2, k3)` of the record of a fingerprint: each `k` is `3840 * (b + 1)`
-    for one byte `b` of the fingerprint (24 bits in all; the pytree key holds all 64)."""
-    return (0, *(_MULTIPLE * (b + 1) for b in bytes.fromhex(fingerprint_hex)[:3]))
+def record_shape(fingerprint_hex: str, lead: int = 1) -> tuple[int, ...]:
+    """The shape `(lead, 0, k1, k2)` of the record of a fingerprint: each `k` is `3840 * (b + 1)`
+    for one byte `b` of the fingerprint; `lead` is the leading axis of the recorded buffer."""
+    data = bytes.fromhex(fingerprint_hex)[:_FINGERPRINT_DIMS]
+    return (int(lead), 0, *(_MULTIPLE * (b + 1) for b in data))
+
+
+def record_lead(buffer_shape: tuple[int, ...]) -> int:
+    """The leading axis a record shares with its buffer (1 for a scalar buffer)."""
+    return int(buffer_shape[0]) if buffer_shape else 1
+
+
+def fingerprint_of_record(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The fingerprint part of a record's shape: what is left after its leading axis, which
+    `jax.vmap` over packed params strips (`(0, k1, k2)` either way)."""
+    return tuple(shape[-(RECORD_NDIM - 1) :])
 
 
 def record_key(fingerprint_hex: str) -> str:
     return f"layout_{fingerprint_hex}"
 
 
-def new_record(fingerprint_hex: str) -> Any:
-    """A fresh zero-size record (one per placeholder: a buffer is never donated twice)."""
-    return jnp.zeros(record_shape(fingerprint_hex), jnp.float32)
+def new_record(fingerprint_hex: str, lead: int = 1) -> Any:
+    """A fresh zero-size record, made without compiling anything (no device computation)."""
+    return jax.device_put(np.zeros(record_shape(fingerprint_hex, lead), np.float32))
 
 
 def record_of(x: Any) -> tuple[int, ...] | None:
