@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 
-from ._errors import format_type, leaf_type
+from ._errors import describe_leaf, format_type, leaf_type
 from ._paths import KeyPath, Segment, format_path, matches, nearest, parse_pattern, segments
 from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder
 from ._record import fn_name
@@ -539,12 +539,19 @@ def _full_type(x: Any) -> str:
 def _check_layer_stacks(
     spec: TieSpec, plan: Plan, keypaths: Sequence[KeyPath], treedef: Any, leaves: Sequence[Any]
 ) -> None:
-    """Every array of one stacked member must share its leading axis: the layer axis."""
+    """Every array of one stacked member must share its leading axis: the layer axis.
+
+    Non-array leaves inside a stacked subtree (an MLP's activation, a Dropout's `p`) are left
+    alone, as in plain groups; a member that is itself a non-array leaf, or that holds no array,
+    is refused.
+    """
     for group in plan.groups:
         if group.kind != "stack":
             continue
         for member in group.members:
             shapes = {i: full_shape(leaves[i]) for i in member.leaves}
+            if all(s is None for s in shapes.values()):
+                _refuse_unstacked(group.name, member, leaves)
             lengths = {s[0] if s else None for s in shapes.values() if s is not None}
             if len(lengths) <= 1:
                 continue
@@ -565,6 +572,21 @@ def _check_layer_stacks(
                 "A stacked member holds `(L, ...)` arrays for `L` layers (a scan-over-layers "
                 f"model). {hint}"
             )
+
+
+def _refuse_unstacked(name: str, member: Member, leaves: Sequence[Any]) -> None:
+    if member.relative == ((),):
+        found = describe_leaf(leaves[member.leaves[0]])
+        raise ValueError(
+            f"tt.stack group {name!r} selects {member.path} ({found}), "
+            "which is not a stacked array; stacked ties need an array with a leading axis. Select "
+            "the stacked arrays, or the subtree that holds them."
+        )
+    raise ValueError(
+        f"tt.stack group {name!r} selects {member.path}, which holds no array (its leaves are "
+        f"{', '.join(sorted({type(leaves[i]).__name__ for i in member.leaves}))}); stacked ties "
+        "need arrays with a leading axis. Select the subtree that holds the stacked arrays."
+    )
 
 
 # -- hints (each names a declaration that selects nodes of this model) ------------------------
