@@ -8,6 +8,7 @@ import pytest
 
 import tietransform as tt
 from tests.helpers import Tower
+from tietransform._resolve import flatten, plan_for
 from tietransform.testing import check_tied
 
 
@@ -165,9 +166,12 @@ def test_malformed_patterns_are_refused(tower, pattern):
         tt.pack(tower, tt.TieSpec(ffn=pattern))
 
 
-def test_spec_needs_groups_and_valid_declarations():
-    with pytest.raises(ValueError, match="at least one tie group"):
-        tt.TieSpec()
+def test_a_spec_without_groups_resolves_to_a_plan_that_ties_nothing(tower):
+    plan = plan_for(tt.TieSpec(), *flatten(tower)[::2])
+    assert (plan.groups, plan.slots, plan.stacks) == ((), (), ())
+
+
+def test_spec_needs_valid_declarations():
     with pytest.raises(TypeError, match="expected a path pattern"):
         tt.TieSpec(g=3)
     with pytest.raises(ValueError, match="at least two slices"):

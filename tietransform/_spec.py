@@ -185,7 +185,8 @@ class TieSpec:
     A path pattern such as `"blocks[*].mlp"` selects every node whose path matches (`*` is one
     segment, `**` any number of segments); a node that is a subtree ties all its array leaves,
     member by member. A group's canonical value is its first member in path order unless the
-    declaration names another.
+    declaration names another. `TieSpec()`, with no groups, ties nothing (e.g. the "no sharing"
+    arm of an ablation over sharing strategies).
 
     !!! Example
         ```python
@@ -202,10 +203,6 @@ class TieSpec:
             if name in merged:
                 raise ValueError(f"Tie group {name!r} is declared twice.")
         merged.update(named_groups)
-        if not merged:
-            raise ValueError(
-                "A TieSpec needs at least one tie group, e.g. TieSpec(ffn='blocks[*].mlp')."
-            )
         for name in merged:
             if not isinstance(name, str) or not name:
                 raise TypeError(f"Tie group names must be non-empty strings, got {name!r}.")
