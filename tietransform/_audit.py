@@ -9,10 +9,11 @@ packed buffers, so its tied gradient is zero. What the traced jaxpr tells us:
 
 The rules, in order:
 
-1. Every member of a group unread, and a non-uniform constant with the shape and dtype of one of
-   its arrays: a closure. This holds whether or not the packed leaves are tracers (under `jit`,
-   `grad`, `vmap`, ... nothing else is known). Uniform constants (`jnp.zeros(d)`, masks) are
-   skipped: they match zero biases by chance, while a captured model always carries its weights.
+1. A member unread (any member: a function may read `blocks[0]` from its argument and the other
+   blocks from a closed-over model), and a non-uniform constant with the shape and dtype of one
+   of its arrays: a closure. This holds whether or not the packed leaves are tracers (under
+   `jit`, `grad`, `vmap`, ... nothing else is known). Uniform constants (`jnp.zeros(d)`, masks)
+   are skipped: they match zero biases by chance, while a captured model carries its weights.
 2. Eagerly (concrete packed leaves), any unread member and a constant equal to a packed array, by
    identity or by value (uniform arrays excepted): a closure.
 3. Otherwise each unread member gets an `UnreadMemberWarning`.
@@ -63,7 +64,7 @@ def audit_reads(
     if not unread:
         return
     captured = [*consts, *_inner_constants(jaxpr)]
-    _refuse_unread_groups_beside_lookalikes(fn_name, plan, unread, captured, leaf_types)
+    _refuse_unread_members_beside_lookalikes(fn_name, plan, unread, captured, leaf_types)
     equal = _equal_to_packed(captured, leaves, plan.paths)
     if equal:
         raise ValueError(
@@ -88,37 +89,35 @@ _FIX = (
 )
 
 
-def _refuse_unread_groups_beside_lookalikes(
+def _refuse_unread_members_beside_lookalikes(
     fn_name: str,
     plan: Plan,
     unread: Sequence[tuple[Any, Any]],
     captured: Sequence[Any],
     leaf_types: dict[int, tuple[tuple[int, ...], np.dtype]],
 ) -> None:
-    """Rule 1: a group none of whose members is read, beside a constant shaped like a member."""
-    unread_paths = {member.path for _, member in unread}
-    for group in plan.groups:
-        members = [m for m in group.members if any(i in leaf_types for i in m.leaves)]
-        if not members or any(m.path not in unread_paths for m in members):
-            continue
-        for member in members:
-            for leaf in member.leaves:
-                if leaf not in leaf_types:
-                    continue
-                const = _lookalike(captured, *leaf_types[leaf])
-                if const is None:
-                    continue
-                listed = ", ".join(m.path for m in members[:3]) + (
-                    " ..." if len(members) > 3 else ""
-                )
-                raise ValueError(
-                    f"`{fn_name}` reads parameters captured by closure instead of its `params` "
-                    f"argument: no member of tie group {group.name!r} is read ({listed}), and it "
-                    f"closes over a constant {format_type(*leaf_types[leaf])}, the shape and "
-                    f"dtype of {plan.paths[leaf]}. {_FIX} If the group is meant to go unread and "
-                    "the constant is unrelated, remove the group from the spec or pass "
-                    "`tt.tie(fn, spec, audit=False)`."
-                )
+    """Rule 1: an unread member beside a non-uniform constant shaped like one of its arrays."""
+    for group, member in unread:
+        for leaf in member.leaves:
+            if leaf not in leaf_types:
+                continue
+            const = _lookalike(captured, *leaf_types[leaf])
+            if const is None:
+                continue
+            read = [m.path for m in group.members if m.path not in {u.path for _, u in unread}]
+            others = f" (it reads {_few(read)})" if read else " (it reads no member of the group)"
+            raise ValueError(
+                f"`{fn_name}` reads parameters captured by closure instead of its `params` "
+                f"argument: it never reads {plan.paths[leaf]}, a member of tie group "
+                f"{group.name!r}{others}, and it closes over a constant "
+                f"{format_type(*leaf_types[leaf])}, the shape and dtype of {plan.paths[leaf]}. "
+                f"{_FIX} If the member is meant to go unread and the constant is unrelated, "
+                "remove the member from the spec or pass `tt.tie(fn, spec, audit=False)`."
+            )
+
+
+def _few(paths: Sequence[str]) -> str:
+    return ", ".join(paths[:3]) + (" ..." if len(paths) > 3 else "")
 
 
 def _lookalike(captured: Sequence[Any], shape: tuple[int, ...], dtype: np.dtype) -> Any:
