@@ -168,7 +168,8 @@ def test_describe_counts_the_tied_slices_of_a_stack_and_names_the_kept_one():
     text = tt.describe({"w": jnp.ones((4, 2))}, spec)
     header, row = text.splitlines()[:2]
     assert header.split() == ["group", "kind", "members", "leaves/member", "canonical", "saved"]
-    assert row.split() == ["s", "stack", "3", "slices", "1", "w[2]", "16", "B"]
+    # "slice 2 of w", not "w[2]": a stacked subtree's own paths hold indices (`mlp.layers[0]`).
+    assert row.split() == ["s", "stack", "3", "slices", "1", "slice", "2", "of", "w", "16", "B"]
     assert "s: slices [0, 2, 3] of w" in text
 
 
@@ -176,8 +177,22 @@ def test_describe_lists_each_stack_when_they_tie_different_slice_counts():
     params = {"a": {"w": jnp.ones((4, 2))}, "b": {"w": jnp.ones((6, 2))}}
     text = tt.describe(params, tt.TieSpec(s=tt.stack("*.w")))
     assert text.splitlines()[1].split()[2:4] == ["4-6", "slices"]
-    assert "s: slices a.w[0-3], b.w[0-5]" in text
+    assert "s: slices 0-3 of a.w, 0-5 of b.w" in text
     assert "saved 64 B" in text  # (3 + 5) slices of 2 float32
+
+
+def test_describe_of_a_spec_without_groups_says_nothing_is_tied():
+    params = {"w": jnp.ones((4, 2)), "b": jnp.ones(2)}
+    assert tt.describe(params, tt.TieSpec()) == (
+        "no tie groups: nothing is tied (parameters: 40 B)"
+    )
+
+
+def test_pack_under_a_spec_without_groups_changes_nothing(tower):
+    packed = tt.pack(tower, tt.TieSpec())
+    assert bool(eqx.tree_equal(packed, tower))
+    assert jax.tree.structure(packed) == jax.tree.structure(tower)
+    assert bool(eqx.tree_equal(tt.unpack(packed, tt.TieSpec()), tower))
 
 
 def test_stack_without_slices_accepts_a_single_slice():

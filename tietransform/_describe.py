@@ -36,7 +36,8 @@ def describe(params: Any, spec: TieSpec) -> str:
     **Returns:**
 
     A multi-line string. For a `tt.stack` group, `members` counts the tied slices and
-    `canonical` names the slice whose value is kept. E.g.
+    `canonical` names the slice whose value is kept (`slice 0 of blocks.mlp`). A spec without
+    groups gives one line saying that nothing is tied. E.g.
 
     ```
     group  kind  members  leaves/member  canonical      saved
@@ -46,6 +47,9 @@ def describe(params: Any, spec: TieSpec) -> str:
     ```
     """
     keypaths, leaves, _ = flatten(params)
+    if not spec.groups:
+        total = sum(_nbytes(*leaf_type(x)[:2]) for x in leaves if eqx.is_array(x))
+        return f"no tie groups: nothing is tied (parameters: {_human(total)})"
     if not any(is_placeholder(x) for x in leaves):
         from ._pack import pack
 
@@ -81,7 +85,9 @@ def describe(params: Any, spec: TieSpec) -> str:
             span = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
             members = f"{span} slices"
             per_member = str(len(g.members[0].leaves))
-            canonical_path = g.canonical.path + (f"[{kept.pop()}]" if len(kept) == 1 else "")
+            canonical_path = (
+                f"slice {kept.pop()} of {g.canonical.path}" if len(kept) == 1 else g.canonical.path
+            )
         else:
             members, per_member = str(len(g.members)), str(tied_leaves[g.name])
             canonical_path = g.canonical.path
@@ -102,7 +108,7 @@ def describe(params: Any, spec: TieSpec) -> str:
                 )
             else:
                 per = [
-                    f"{m.path}[{_index_list(t)}]"
+                    f"{_index_list(t)} of {m.path}"
                     for m, t in zip(g.members, tied_lists, strict=True)
                 ]
                 lines.append(f"  {g.name}: slices {', '.join(per)}")
