@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.core
 import jax.extend.core
+import jax.numpy as jnp
 from jax.extend.core import primitives as _primitives
 
 
@@ -109,6 +110,14 @@ def checkpoint_options(params: dict[str, Any]) -> dict[str, Any]:
 def is_literal(atom: Any) -> bool:
     """Whether a jaxpr atom is a `Literal` (scalars arrive as literals, not `Var`s)."""
     return isinstance(atom, jax.extend.core.Literal)
+
+
+def as_array(value: Any) -> Any:
+    """An output of `eval_jaxpr` as the array it stands for. A `Literal` output evaluates to its
+    `.val`, a Python scalar or one of JAX's private `TypedFloat`/`TypedInt`/`TypedNdArray`, and a
+    constvar or input to whatever was given (a NumPy array); `jnp.asarray` keeps the jaxpr's dtype
+    and weak type (checked for each scalar kind on 0.10 and 0.12 by `tests/test_outputs.py`)."""
+    return value if isinstance(value, jax.Array) else jnp.asarray(value)
 
 
 def jax_nn_custom_jvp_name(eqn: Any) -> str | None:

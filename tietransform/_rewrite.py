@@ -162,7 +162,7 @@ def evaluate(
         _needs_rule(eqn, [is_tied(v) for v in eqn.invars], (), routing) for eqn in jaxpr.eqns
     )
     if not (sites or descend or any(_is_lazy(a) for a in args)):
-        return _compat.eval_jaxpr(jaxpr, consts, *args)
+        return [_compat.as_array(x) for x in _compat.eval_jaxpr(jaxpr, consts, *args)]
     consumed = {i for site in sites.values() for i in site.consumed}
     env: dict[Any, Any] = {}
 
@@ -188,7 +188,7 @@ def evaluate(
             outs = _compat.bind_equation(eqn, invals)
         for var, value in zip(eqn.outvars, outs, strict=True):
             env[var] = value
-    return _materialised([read(v) for v in jaxpr.outvars])
+    return [_compat.as_array(x) for x in _materialised([read(v) for v in jaxpr.outvars])]
 
 
 def _needs_rule(

@@ -1,14 +1,14 @@
 """`tie`: the public transformation. Trace, rewrite the parameter reads, evaluate."""
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, overload
 
+import equinox as eqx
 import jax
 
 from . import _compat
 from ._audit import audit_reads
-from ._errors import is_array
 from ._ffn_routing import Routing, routing_for
 from ._layout import full_leaves, packed_layout
 from ._placeholders import StackedLeaf, is_placeholder
@@ -54,11 +54,14 @@ def tie(
     **Returns:**
 
     A function `(packed, *args, **kwargs) -> out` taking the output of [`tietransform.pack`][] in
-    place of `params`. Its value is `fn(unpack(packed), *args, **kwargs)`; the gradient with
-    respect to a group's buffer is the sum of the gradients its members receive untied (pulled
-    back through each view). It composes with `jax.jit`, `grad`, `vjp`, `jvp`, `vmap`,
-    `lax.scan`, `jax.checkpoint` and sharding, and under `jit` it costs nothing: the compiled
-    program has one parameter per buffer and is the program a hand-written shared model gives.
+    place of `params`. Its value is `fn(unpack(packed), *args, **kwargs)`, the same pytree: arrays
+    keep their dtype and weak type (a NumPy array comes back as a JAX array, as from
+    `eqx.filter_jit`), and other leaves (Python scalars, strings) are returned as they are. The
+    gradient with respect to a group's buffer is the sum of the gradients its members receive
+    untied (pulled back through each view). It composes with `jax.jit`, `grad`, `vjp`, `jvp`,
+    `vmap`, `lax.scan`, `jax.checkpoint` and sharding, and under `jit` it costs nothing: the
+    compiled program has one parameter per buffer and is the program a hand-written shared model
+    gives.
 
     `fn` is traced on every call (let `jax.jit` cache compiled calls); nothing is cached across
     calls, so configuration such as `jax.default_matmul_precision` is always honoured.
@@ -118,48 +121,33 @@ def _call(
         )
     layout = packed_layout(plan, leaves)
     full = full_leaves(plan, layout, leaves, stacked=_stacked_read)
-    param_mask = [is_array(x) or isinstance(x, StackedRead) for x in full]
-    param_values = [x for x, keep in zip(full, param_mask, strict=True) if keep]
-    arg_leaves, arg_treedef = jax.tree_util.tree_flatten((args, kwargs))
-    arg_mask = [is_array(x) for x in arg_leaves]
-    arg_values = [x for x, keep in zip(arg_leaves, arg_mask, strict=True) if keep]
-    output: dict[str, Any] = {}
-
-    def flat_fn(params_dyn: list[Any], args_dyn: list[Any]) -> list[Any]:
-        model = jax.tree_util.tree_unflatten(treedef, _merge(full, param_mask, params_dyn))
-        call_args, call_kwargs = jax.tree_util.tree_unflatten(
-            arg_treedef, _merge(arg_leaves, arg_mask, args_dyn)
-        )
-        out = fn(model, *call_args, **call_kwargs)
-        out_leaves, output["treedef"] = jax.tree_util.tree_flatten(out)
-        output["mask"] = [is_array(x) for x in out_leaves]
-        output["leaves"] = out_leaves
-        return [x for x, keep in zip(out_leaves, output["mask"], strict=True) if keep]
-
-    specs = [x.shape_dtype() if isinstance(x, StackedRead) else x for x in param_values]
-    closed = jax.make_jaxpr(flat_fn)(specs, arg_values)
+    # A stacked read is traced as the full stack's type; the rewrite then reads it lazily.
+    model = [x.shape_dtype() if isinstance(x, StackedRead) else x for x in full]
+    closed, out_types, out_static = eqx.filter_make_jaxpr(fn)(
+        jax.tree_util.tree_unflatten(treedef, model), *args, **kwargs
+    )
     jaxpr, consts = _compat.split_jaxpr(closed)
+    # `filter_make_jaxpr` traces exactly these leaves, in this order: the model's, then the args'.
+    traced_leaves = [i for i, x in enumerate(model) if _is_traced(x)]
+    arg_values = jax.tree_util.tree_leaves(eqx.filter((args, kwargs), _is_traced))
     if audit:
-        leaf_of_invar = [i for i, keep in enumerate(param_mask) if keep]
-        audit_reads(_name(fn), plan, jaxpr, consts, leaves, leaf_of_invar)
+        audit_reads(_name(fn), plan, jaxpr, consts, leaves, traced_leaves)
     tied_leaves = {i for slot in layout.slots for i in (slot.canonical, *slot.readers)}
     tied_leaves.update(layout.stacks)
-    tied = [i in tied_leaves for i, keep in enumerate(param_mask) if keep] + [False] * len(
-        arg_values
-    )
-    outs = evaluate(jaxpr, consts, [*param_values, *arg_values], tied, routing)
-    return jax.tree_util.tree_unflatten(
-        output["treedef"], _merge(output["leaves"], output["mask"], outs)
-    )
+    tied = [i in tied_leaves for i in traced_leaves] + [False] * len(arg_values)
+    values = [full[i] for i in traced_leaves] + arg_values
+    outs = evaluate(jaxpr, consts, values, tied, routing)
+    dynamic = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_types), outs)
+    return eqx.combine(dynamic, out_static)
+
+
+def _is_traced(x: Any) -> bool:
+    """What `eqx.filter_make_jaxpr` traces: arrays and `jax.ShapeDtypeStruct`s."""
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
 
 def _stacked_read(leaf: StackedLeaf) -> StackedRead:
     return StackedRead(leaf.data, leaf.rows, leaf.weak_type, leaf.groups)
-
-
-def _merge(template: Sequence[Any], mask: Sequence[bool], values: Sequence[Any]) -> list[Any]:
-    it = iter(values)
-    return [next(it) if keep else x for x, keep in zip(template, mask, strict=True)]
 
 
 def _name(fn: Callable) -> str:
