@@ -127,9 +127,9 @@ def test_non_array_members_are_refused():
 
 
 def test_view_whose_output_does_not_fit_is_refused():
-    params = {"emb": jnp.ones((3, 4)), "head": jnp.ones((3, 4))}
+    params = {"emb": jnp.ones((3, 4)), "head": jnp.ones((5, 4))}
     with pytest.raises(
-        ValueError, match=r"must fit the output of its view(.|\n)*  head  f32\[3,4\]"
+        ValueError, match=r"must fit the output of its view(.|\n)*  head  f32\[5,4\]"
     ):
         tt.pack(params, tt.TieSpec(head=tt.view("emb", "head", jnp.transpose)))
 
@@ -274,3 +274,52 @@ def test_separate_stacked_arrays_of_different_lengths_may_share_one_selector(get
         return jax.lax.scan(step, zero, p["a"]["w"])[0] + jax.lax.scan(step, zero, p["b"]["w"])[0]
 
     check_tied(scan_rows, spec, params, jnp.ones(2))
+
+
+class LanguageModel(eqx.Module):
+    """An embedding and an output head, as Equinox stores them: both weights are (vocab, dim)."""
+
+    embed: eqx.nn.Embedding
+    head: eqx.nn.Linear
+
+    def __init__(self, vocab: int, dim: int, *, key: jax.Array):
+        k1, k2 = jax.random.split(key)
+        self.embed = eqx.nn.Embedding(vocab, dim, key=k1)
+        self.head = eqx.nn.Linear(dim, vocab, use_bias=False, key=k2)
+
+    def __call__(self, token: jax.Array) -> jax.Array:
+        return self.head(self.embed(token))
+
+
+def test_a_transposing_view_onto_a_member_of_the_source_shape_names_the_plain_group(getkey):
+    model = LanguageModel(10, 4, key=getkey())
+    spec = tt.TieSpec(head=tt.view("embed.weight", "head.weight", jnp.transpose))
+    with pytest.raises(ValueError, match="View 'head' changes the shape of embed.weight") as error:
+        tt.pack(model, spec)
+    assert "TieSpec(head=['embed.weight', 'head.weight'])" in str(error.value)
+    assert "Equinox stores `Linear(in, out).weight` as (out, in)" in str(error.value)
+
+
+def test_a_square_equinox_embedding_transposed_onto_a_linear_head_is_warned_about(getkey):
+    model = LanguageModel(4, 4, key=getkey())
+    spec = tt.TieSpec(head=tt.view("embed.weight", "head.weight", jnp.transpose))
+    with pytest.warns(UserWarning, match="View 'head' transposes embed.weight, an eqx.nn.Embedding"):
+        tt.pack(model, spec)
+
+
+def test_a_square_transposed_tie_between_two_linears_is_not_warned_about(getkey):
+    k1, k2 = jax.random.split(getkey())
+    autoencoder = {"encode": eqx.nn.Linear(4, 4, key=k1), "decode": eqx.nn.Linear(4, 4, key=k2)}
+    spec = tt.TieSpec(w=tt.view("encode.weight", "decode.weight", jnp.transpose))
+    packed = tt.pack(autoencoder, spec)  # filterwarnings = error: a warning would fail here
+    full = tt.unpack(packed, spec)
+    np.testing.assert_array_equal(full["decode"].weight, full["encode"].weight.T)
+
+
+def test_an_equinox_head_tied_by_a_plain_group_computes_the_hand_tied_logits(getkey):
+    model = LanguageModel(4, 4, key=getkey())  # square: a wrong orientation would go unnoticed
+    spec = tt.TieSpec(head=["embed.weight", "head.weight"])
+    token = jnp.asarray(2)
+    logits = tt.tie(lambda m, t: m(t), spec)(tt.pack(model, spec), token)
+    embedding = model.embed.weight
+    np.testing.assert_allclose(logits, embedding @ embedding[token], rtol=1e-6)

@@ -31,11 +31,13 @@ one-member group whose arrays share a leading axis is pointed to `tt.stack`.
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
+import numpy as np
 
 from ._errors import describe_leaf, format_type, leaf_type
 from ._paths import KeyPath, Segment, format_path, matches, nearest, parse_pattern, segments
@@ -150,6 +152,7 @@ def plan_for(
         spec._plans[treedef] = plan
     if leaves is not None:
         _check_layer_stacks(spec, plan, keypaths, treedef, leaves)
+        _check_view_orientation(plan, treedef, leaves)
     return plan
 
 
@@ -586,6 +589,80 @@ def _refuse_unstacked(name: str, member: Member, leaves: Sequence[Any]) -> None:
         f"tt.stack group {name!r} selects {member.path}, which holds no array (its leaves are "
         f"{', '.join(sorted({type(leaves[i]).__name__ for i in member.leaves}))}); stacked ties "
         "need arrays with a leading axis. Select the subtree that holds the stacked arrays."
+    )
+
+
+_ORIENTATION = (
+    "Orientation by library: Equinox stores `Linear(in, out).weight` as (out, in) and "
+    "`Embedding.weight` as (vocab, dim), so a tied head `Linear(dim, vocab)` has the "
+    "embedding's own shape and orientation: a plain group. Flax stores a `Dense`/`nnx.Linear` "
+    "kernel as (in, out) and `Embed.embedding` as (vocab, dim), so a tied head's kernel is the "
+    "transpose: `tt.view(embedding, kernel, jnp.transpose)`."
+)
+
+
+def _check_view_orientation(plan: Plan, treedef: Any, leaves: Sequence[Any]) -> None:
+    """A view member that already has its source's shape: a transform that changes the shape is
+    refused, naming the plain group; a square transpose between an Equinox `Embedding` and
+    `Linear` (same orientation) is warned about, since it may tie the wrong orientation."""
+    for slot in plan.slots:
+        shape = full_shape(leaves[slot.canonical])
+        same = [r for r in slot.readers if shape is not None and full_shape(leaves[r]) == shape]
+        if slot.fn is None or not same:
+            continue
+        dtype = leaf_type(leaves[slot.canonical])[1]
+        try:
+            out = jax.eval_shape(slot.fn, jax.ShapeDtypeStruct(shape, dtype))
+        except Exception:
+            continue  # the layout check reports a view that fails, with its error
+        source, targets = plan.paths[slot.canonical], [plan.paths[r] for r in same]
+        if getattr(out, "shape", None) != shape:
+            raise ValueError(
+                f"View {slot.group!r} changes the shape of {source} ({format_type(shape, dtype)}) "
+                f"to {format_type(getattr(out, 'shape', ()), dtype)} with {fn_name(slot.fn)}, but "
+                f"{', '.join(targets)} already {'has' if len(same) == 1 else 'have'} the source's "
+                "shape, so no transform is needed. Tie them with a plain group: "
+                f"TieSpec({slot.group}={[source, *targets]!r}). {_ORIENTATION}"
+            )
+        if len(shape) == 2 and _transposes(slot.fn, shape[0], dtype):
+            _warn_equinox_transpose(slot, plan, treedef, leaves, same)
+
+
+def _transposes(fn: Callable[[Any], Any], n: int, dtype: Any) -> bool:
+    """Whether `fn` maps an `(n, n)` matrix to its transpose (evaluated on `arange`)."""
+    try:
+        with jax.ensure_compile_time_eval():  # concrete even when called under `jit`
+            a = jax.numpy.arange(n * n, dtype=dtype).reshape(n, n)
+            return bool(np.array_equal(np.asarray(fn(a)), np.asarray(a).T))
+    except Exception:
+        return False
+
+
+def _warn_equinox_transpose(
+    slot: TieSlot, plan: Plan, treedef: Any, leaves: Sequence[Any], readers: Sequence[int]
+) -> None:
+    tree = jax.tree_util.tree_unflatten(treedef, list(leaves))
+    kinds = (eqx.nn.Embedding, eqx.nn.Linear)
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, kinds) or is_placeholder(x)
+    )
+    owner = {
+        format_path((*path, jax.tree_util.GetAttrKey("weight"))): type(node)
+        for path, node in with_paths
+        if isinstance(node, kinds)
+    }
+    source = plan.paths[slot.canonical]
+    heads = [plan.paths[r] for r in readers if owner.get(plan.paths[r]) is eqx.nn.Linear]
+    if owner.get(source) is not eqx.nn.Embedding or not heads:
+        return
+    warnings.warn(
+        f"View {slot.group!r} transposes {source}, an eqx.nn.Embedding's weight, for "
+        f"{', '.join(heads)} (eqx.nn.Linear), and both are square, so nothing checks the "
+        f"orientation. A tied LM head `Linear(dim, vocab)` reads the embedding untransposed: "
+        f"TieSpec({slot.group}={[source, *heads]!r}). Keep the view only for a "
+        f"`Linear(vocab, dim)`. {_ORIENTATION}",
+        UserWarning,
+        stacklevel=2,
     )
 
 
