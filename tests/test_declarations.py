@@ -303,7 +303,7 @@ def test_a_transposing_view_onto_a_member_of_the_source_shape_names_the_plain_gr
 def test_a_square_equinox_embedding_transposed_onto_a_linear_head_is_warned_about(getkey):
     model = LanguageModel(4, 4, key=getkey())
     spec = tt.TieSpec(head=tt.view("embed.weight", "head.weight", jnp.transpose))
-    with pytest.warns(UserWarning, match="View 'head' transposes embed.weight, an eqx.nn.Embedding"):
+    with pytest.warns(UserWarning, match="View 'head' transposes embed.weight, an eqx.nn.Embed"):
         tt.pack(model, spec)
 
 
