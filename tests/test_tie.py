@@ -67,6 +67,11 @@ def test_decorator_and_call_forms_are_the_same(tower, x):
     assert decorated.__name__ == "tower_loss"
 
 
+def test_a_spec_without_groups_returns_the_function_itself():
+    assert tt.tie(tower_loss, tt.TieSpec()) is tower_loss
+    assert tt.tie(tt.TieSpec())(tower_loss) is tower_loss
+
+
 def test_static_arguments_and_non_array_outputs_pass_through(tower, x):
     @tt.tie(SPEC)
     def run(model, x, *, scale, label):

@@ -66,6 +66,8 @@ def tie(
     `fn` is traced on every call (let `jax.jit` cache compiled calls); nothing is cached across
     calls, so configuration such as `jax.default_matmul_precision` is always honoured.
 
+    A spec with no groups, `TieSpec()`, ties nothing: `tie` returns `fn` itself.
+
     **Raises / warns:**
 
     - `ValueError` if `packed` does not have the structure `pack(params, spec)` produces.
@@ -94,6 +96,8 @@ def tie(
             "tie needs a TieSpec: use `tie(fn, spec)` or the decorator `@tie(spec)`, got "
             f"{type(spec).__name__}."
         )
+    if not spec.groups:  # ties nothing (an ablation's "no sharing" arm): fn reads its params
+        return fn
     chosen_spec: TieSpec = spec
 
     @functools.wraps(fn)
