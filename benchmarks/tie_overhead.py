@@ -7,8 +7,12 @@ Compares, in one run and on the same weights:
 - `untied`: an MLP per block, nothing shared.
 
 Checks that `tied` and `hand` agree (loss and the MLP's gradient) before timing, then prints
-HLO parameter counts of the compiled loss+grad step and its runtime, as ratios to `hand`. Writes
-JSON next to this file under `results/`.
+HLO parameter counts of the compiled loss+grad step and its runtime, as ratios to `hand`.
+
+Then the per-call (dispatch) cost, on a model small enough that the call is all overhead: the
+same model at `--dispatch-blocks` (32) blocks of width 8, called through `eqx.filter_jit` as
+users call it, packed (`tied`) against untied, with the leaves each passes. Writes JSON next to
+this file under `results/`.
 
     python benchmarks/tie_overhead.py [--blocks 12] [--width 128] [--repeats 30]
 """
@@ -95,6 +99,37 @@ def hlo_parameters(compiled) -> int:
     return sum(" parameter(" in line for line in entry.splitlines())
 
 
+def dispatch_times(blocks: int, calls: int) -> dict[str, dict[str, float]]:
+    """Median seconds per jitted call (all dispatch: width 8), packed against untied."""
+    model = build(blocks, 8, jax.random.key(2))
+    spec = tt.TieSpec(ffn="blocks[*].mlp")
+    packed = tt.pack(model, spec)
+    x = jnp.ones((1, 2, 8))
+    calls_of = {
+        "tied": (eqx.filter_jit(tt.tie(loss, spec)), packed),
+        "untied": (eqx.filter_jit(loss), model),
+    }
+    np.testing.assert_allclose(
+        calls_of["tied"][0](packed, x), loss(tt.unpack(packed, spec), x), rtol=1e-5
+    )
+    times: dict[str, list[float]] = {name: [] for name in calls_of}
+    for fn, params in calls_of.values():
+        jax.block_until_ready(fn(params, x))
+    for _ in range(calls):
+        for name, (fn, params) in calls_of.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(params, x))
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {
+            "leaves": len(jax.tree.leaves(params)),
+            "array_leaves": len(jax.tree.leaves(eqx.filter(params, eqx.is_array))),
+            "call_seconds_median": statistics.median(times[name]),
+        }
+        for name, (_, params) in calls_of.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=12)
@@ -102,6 +137,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--dispatch-blocks", type=int, default=32)
+    parser.add_argument("--dispatch-calls", type=int, default=300)
     args = parser.parse_args()
 
     model = build(args.blocks, args.width, jax.random.key(0))
@@ -158,6 +195,17 @@ def main() -> None:
             "ratio_to_hand": median / base,
         }
         print(f"{name:8} {params:>10} {1e3 * median:>9.2f} {median / base:>8.3f}")
+    dispatch = dispatch_times(args.dispatch_blocks, args.dispatch_calls)
+    results["dispatch"] = dispatch
+    print(f"dispatch, {args.dispatch_blocks} blocks of width 8, through eqx.filter_jit:")
+    print(f"{'variant':8} {'leaves':>7} {'arrays':>7} {'call ms':>8} {'vs untied':>9}")
+    untied = dispatch["untied"]["call_seconds_median"]
+    for name, row in dispatch.items():
+        seconds = row["call_seconds_median"]
+        print(
+            f"{name:8} {row['leaves']:>7} {row['array_leaves']:>7} {1e3 * seconds:>8.3f} "
+            f"{seconds / untied:>9.3f}"
+        )
     out = pathlib.Path(__file__).parent / "results" / "tie_overhead.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

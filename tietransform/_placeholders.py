@@ -19,6 +19,7 @@ type: JAX 0.10-0.12 no longer call `__jax_array__` there, so no hook gives a bet
 """
 
 import dataclasses
+import operator
 from typing import Any, TypeVar, cast
 
 import jax
@@ -112,8 +113,11 @@ def _register(cls: type[_P]) -> type[_P]:
         children = [(key(x, name), getattr(x, name)) for name in data]
         return children, tuple(getattr(x, name) for name in static)
 
-    def flatten(x: Any) -> tuple[list[Any], tuple[Any, ...]]:
-        return [getattr(x, name) for name in data], tuple(getattr(x, name) for name in static)
+    # `flatten` runs for every placeholder on every jitted call: C-level attribute getters.
+    get_data, get_static = operator.attrgetter(*data, "__class__"), operator.attrgetter(*static)
+
+    def flatten(x: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        return get_data(x)[:-1], get_static(x)
 
     def unflatten(aux: tuple[Any, ...], children: Any) -> Any:
         return cls(**dict(zip(static, aux, strict=True)), **dict(zip(data, children, strict=True)))
