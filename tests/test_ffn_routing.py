@@ -5,6 +5,7 @@ Every test here means interpret mode on the CPU (`fuse_ffn="interpret"`, float32
 precision), whatever the machine: the module pins itself to the CPU device.
 """
 
+import typing
 import warnings
 
 import equinox as eqx
@@ -15,7 +16,7 @@ import pytest
 
 import tietransform as tt
 from tests.helpers import Tower, assert_trees_close, tower_loss
-from tietransform import _ffn_routing
+from tietransform import _errors, _ffn_routing
 
 
 # Kernel vs XLA reference in f32 on CPU (interpret mode): blockwise f32 accumulation reorders the
@@ -89,7 +90,7 @@ def test_the_default_mode_routes_only_to_compiled_kernels_and_never_warns():
     if jax.default_backend() == "cpu":
         assert default is None
     else:
-        assert default == _ffn_routing.Routing("pallas", explicit=False) and not default.warns
+        assert default == _ffn_routing.Routing("pallas", warns=False) and not default.warns
     assert _ffn_routing.routing_for(True).warns and _ffn_routing.routing_for("xla").warns
 
 
@@ -191,7 +192,7 @@ def test_an_ffn_in_a_dtype_the_kernel_does_not_take_is_left_to_xla(getkey):
 
         packed = tt.pack(params, spec)
         routed = tt.tie(loss, spec, fuse_ffn=INTERPRET)
-        _ffn_routing._reset_warnings()
+        _errors.reset_warnings()
         with pytest.warns(RuntimeWarning, match="is left to XLA: float64 is not a kernel dtype"):
             assert _kernel_calls(routed, packed, x) == 0
         with warnings.catch_warnings():
@@ -391,7 +392,13 @@ def test_the_routing_warning_points_at_the_users_call(getkey):
             return sum(jnp.sum(jnp.tanh(x @ p[k]["w1"]) @ p[k]["w2"]) for k in ("a", "b"))
 
         routed = tt.tie(loss, spec, fuse_ffn=INTERPRET)
-        _ffn_routing._reset_warnings()
+        _errors.reset_warnings()
         with pytest.warns(RuntimeWarning, match="is left to XLA") as record:
             jax.jit(routed)(tt.pack(params, spec), x)
     assert [w.filename for w in record] == [__file__]
+
+
+def test_fuse_ffn_accepts_exactly_the_implementations_of_the_kernels():
+    from tietransform.kernels.ffn import _api
+
+    assert _ffn_routing.IMPLEMENTATIONS == typing.get_args(_api.Implementation)

@@ -1,15 +1,13 @@
-"""Formatting of leaves for messages, and the warnings tietransform emits."""
+"""Formatting of leaves for messages, and the warnings tietransform emits (`warn_once`)."""
 
+import os
+import sys
+import warnings
 from typing import Any
 
 import equinox as eqx
 import jax
 import numpy as np
-
-# Equinox's test for array leaves (a `jax.Array`, tracer, NumPy array or scalar): the one
-# `is_array`. Re-exported only for modules that still import it from here (`_tie`, `_resolve`,
-# `_describe`); new code calls `eqx.is_array`.
-from equinox import is_array as is_array
 
 
 _SHORT_DTYPES = {
@@ -69,3 +67,48 @@ def describe_leaf(x: Any) -> str:
     if isinstance(x, jax.ShapeDtypeStruct):  # e.g. a leaf of an `eqx.filter_eval_shape` skeleton
         return f"ShapeDtypeStruct {format_type(x.shape, x.dtype, bool(x.weak_type))}"
     return f"{type(x).__name__} {x!r}"[:60]
+
+
+_warned: set[tuple[type[Warning], str]] = set()
+
+
+def warn_once(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """Warns with `message` the first time this process sees it, pointing at the user's code.
+
+    For warnings about a configuration rather than a call (a kernel that cannot serve a shape,
+    an FFN left to XLA): tracing repeats them on every call otherwise.
+    """
+    if (category, message) in _warned:
+        return
+    _warned.add((category, message))
+    warnings.warn(message, category, stacklevel=_user_stacklevel())
+
+
+def reset_warnings() -> None:
+    """Forget which warnings `warn_once` has shown (for tests)."""
+    _warned.clear()
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# tietransform's files (`kernels/` too, which the source tree links in), Equinox's and JAX's.
+_INTERNAL_DIRS = tuple(
+    {
+        os.path.join(directory, "")
+        for directory in (
+            _PACKAGE,
+            os.path.realpath(_PACKAGE),
+            os.path.realpath(os.path.join(_PACKAGE, "kernels")),
+            os.path.dirname(os.path.abspath(eqx.__file__ or "")),
+            os.path.dirname(os.path.abspath(jax.__file__ or "")),
+        )
+    }
+)
+
+
+def _user_stacklevel() -> int:
+    """The `stacklevel` that points `warn_once`'s warning at the user's code: the first frame
+    outside tietransform, Equinox and JAX (tracing nests them to varying depths)."""
+    frame, level = sys._getframe(2), 2  # 1 is `warn_once`, which calls `warnings.warn`
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -25,9 +25,7 @@ reported to `ffn_routing_report`.
 import contextlib
 import contextvars
 import dataclasses
-import os
-import sys
-import warnings
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -36,6 +34,7 @@ import jax.numpy as jnp
 from jax.extend.core import primitives as _primitives
 
 from . import _compat
+from ._errors import warn_once
 
 
 ELEMENTWISE: frozenset[Any] = frozenset(
@@ -51,28 +50,25 @@ KNOWN_CUSTOM_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+Implementation = Literal["auto", "pallas", "interpret", "xla", "xla_remat"]
+"""The implementations of `kernels.ffn` and `kernels.gated_ffn` (the one list of their names)."""
+IMPLEMENTATIONS: tuple[str, ...] = typing.get_args(Implementation)
+
+
 @dataclasses.dataclass(frozen=True)
 class Routing:
     """Where FFN sites go: `implementation` is passed to `kernels.ffn`/`kernels.gated_ffn`.
 
-    `explicit`: the user asked for the kernel (`fuse_ffn=True` or an implementation name), so a
-    site it cannot serve is reported with a warning; `False` (the default mode) leaves such sites
-    to XLA silently. `None` (unknown) counts as explicit only on CPU, where routing is off unless
-    asked for.
+    `warns`: the user asked for the kernel (`fuse_ffn=True` or an implementation name), so a site
+    it cannot serve is reported with a one-time warning; the default mode leaves such sites to
+    XLA silently.
     """
 
-    implementation: Literal["auto", "pallas", "interpret", "xla", "xla_remat"]
-    explicit: bool | None = None
-
-    @property
-    def warns(self) -> bool:
-        return self.explicit if self.explicit is not None else jax.default_backend() == "cpu"
+    implementation: Implementation
+    warns: bool
 
 
-IMPLEMENTATIONS = ("auto", "pallas", "interpret", "xla", "xla_remat")
-
-
-def routing_for(fuse_ffn: bool | str | None) -> Routing | None:
+def routing_for(fuse_ffn: bool | Implementation | None) -> Routing | None:
     """The routing `tie(..., fuse_ffn=...)` asks for.
 
     `None`: the compiled kernels where a Pallas backend exists (GPU, TPU), silently leaving what
@@ -84,16 +80,16 @@ def routing_for(fuse_ffn: bool | str | None) -> Routing | None:
         if fuse_ffn not in IMPLEMENTATIONS:
             raise ValueError(
                 f"fuse_ffn={fuse_ffn!r} is not an implementation of kernels.ffn; use one of "
-                "'auto', 'pallas', 'interpret', 'xla', 'xla_remat', or a bool."
+                f"{', '.join(map(repr, IMPLEMENTATIONS))}, or a bool."
             )
-        return Routing(fuse_ffn, explicit=True)  # type: ignore[arg-type]
+        return Routing(fuse_ffn, warns=True)  # type: ignore[arg-type]  # checked just above
     if fuse_ffn is False:
         return None
     accelerated = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
     if fuse_ffn is None:
-        return Routing("pallas", explicit=False) if accelerated else None
+        return Routing("pallas", warns=False) if accelerated else None
     if fuse_ffn is True:
-        return Routing("pallas" if accelerated else "interpret", explicit=True)
+        return Routing("pallas" if accelerated else "interpret", warns=True)
     raise TypeError(f"fuse_ffn must be None, a bool or an implementation name, got {fuse_ffn!r}.")
 
 
@@ -562,9 +558,6 @@ def _oriented(w: Any, transposed: bool) -> tuple[int, ...]:
     return shape[::-1] if transposed else shape
 
 
-_warned: set[str] = set()
-
-
 def decide(site: FFNSite, routing: Routing) -> RoutedFFN:
     """What serves `site` under `routing`, by the kernels' own support rules
     (`kernels.ffn_support`); reported (and, if the kernel was asked for, warned about once)."""
@@ -602,37 +595,12 @@ def decide(site: FFNSite, routing: Routing) -> RoutedFFN:
             f"tie(fuse_ffn={routing.implementation!r}): {decision.shape}, activation "
             f"{decision.activation}, is left to XLA: {support.reason}."
         )
-        if routing.warns and message not in _warned:
-            _warned.add(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=_user_stacklevel())
+        if routing.warns:
+            warn_once(message)
     report = _report.get()
     if report is not None:
         report.append(decision)
     return decision
-
-
-# tietransform's files (also through the `kernels` symlink's real path) and JAX's.
-_INTERNAL_DIRS = tuple(
-    {
-        os.path.dirname(path) + os.sep
-        for source in (__file__, jax.__file__ or "")
-        for path in (os.path.abspath(source), os.path.realpath(source))
-    }
-)
-
-
-def _user_stacklevel() -> int:
-    """The `stacklevel` for a warning raised by this module's caller that points at the user's
-    code: the first frame outside tietransform and JAX (tracing nests both to varying depths)."""
-    frame, level = sys._getframe(2), 2  # 1 is the function calling `warnings.warn`
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def _reset_warnings() -> None:
-    """Forget which routing warnings were shown (for tests)."""
-    _warned.clear()
 
 
 def serve(site: FFNSite, read: Callable[[Any], Any], decision: RoutedFFN) -> Any:

@@ -9,7 +9,7 @@ import jax
 
 from . import _compat
 from ._audit import audit_reads
-from ._ffn_routing import Routing, routing_for
+from ._ffn_routing import Implementation, Routing, routing_for
 from ._layout import full_leaves, packed_layout
 from ._placeholders import StackedLeaf, is_placeholder
 from ._resolve import flatten, plan_for
@@ -17,7 +17,7 @@ from ._rewrite import StackedRead, evaluate
 from ._spec import TieSpec
 
 
-FuseFFN = bool | str | None
+FuseFFN = bool | Implementation | None
 
 
 @overload
