@@ -7,10 +7,15 @@ Seen drift, and what this module does about it:
 - `jax.jit(f).trace(...).lower(lowering_platforms=...)` lowers for a platform the installed
   jaxlib has no device for; the keyword has been stable over 0.10 to 0.12, but it lives here so a
   rename is a one-line fix.
+- The Hopper recipe's features (`BlockSpec(delay_release=...)`, `emit_pipeline_warp_specialized`,
+  `nd_loop` and `planar_snake`) are all present, and run under the Mosaic GPU interpreter with
+  race detection, on 0.10.2 and 0.12; `check_gpu_features` still refuses a `TuningConfig` whose
+  feature a JAX lacks, naming it, so an older or trimmed JAX fails clearly, not deep in lowering.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,17 +23,63 @@ import jax
 from jax.experimental.pallas import mosaic_gpu as plgpu, tpu as pltpu
 
 
-__all__ = ["gpu_interpret_params", "lower_for", "tpu_compiler_params", "tpu_interpret_params"]
+__all__ = [
+    "check_gpu_features",
+    "gpu_interpret_params",
+    "lower_for",
+    "tpu_compiler_params",
+    "tpu_interpret_params",
+]
 
 
-def gpu_interpret_params() -> Any:
-    """The `interpret=` value that runs a Mosaic GPU (`plgpu.kernel`) body on CPU."""
+def gpu_interpret_params(*, detect_races: bool = False) -> Any:
+    """The `interpret=` value that runs a Mosaic GPU (`plgpu.kernel`) body on CPU; with
+    `detect_races=True` the interpreter's happens-before race detector runs too (both 0.10.2
+    and 0.12 have it: both print `RACE DETECTED`, 0.12 raises as well)."""
     cls = getattr(plgpu, "InterpretGPUParams", None)
     if cls is None:  # jax 0.10: the same class, not yet re-exported.
         from jax._src.pallas.mosaic_gpu.interpret.params import (  # noqa: PLC0415
             InterpretGPUParams as cls,
         )
-    return cls()
+    return cls(detect_races=detect_races)
+
+
+def _has_delay_release() -> bool:
+    return "delay_release" in inspect.signature(plgpu.BlockSpec).parameters
+
+
+# feature -> (what a TuningConfig asks of it, whether the installed JAX has it)
+_GPU_FEATURES: dict[str, Callable[[], bool]] = {
+    "BlockSpec(delay_release=...)": _has_delay_release,
+    "plgpu.emit_pipeline_warp_specialized": lambda: hasattr(
+        plgpu, "emit_pipeline_warp_specialized"
+    ),
+    "plgpu.nd_loop": lambda: hasattr(plgpu, "nd_loop"),
+    "plgpu.planar_snake": lambda: hasattr(plgpu, "planar_snake"),
+}
+
+
+def gpu_features_needed(config: Any) -> tuple[str, ...]:
+    """The Mosaic GPU features a `kernels.ffn.TuningConfig` needs beyond a plain pipeline."""
+    needed = []
+    if config.wgmmas_in_flight:
+        needed.append("BlockSpec(delay_release=...)")
+    if config.warp_specialized:
+        needed.append("plgpu.emit_pipeline_warp_specialized")
+    if config.persistent:
+        needed += ["plgpu.nd_loop", "plgpu.planar_snake"]
+    return tuple(needed)
+
+
+def check_gpu_features(config: Any) -> None:
+    """Raise `NotImplementedError` naming the feature and the JAX version if the installed JAX
+    lacks something `config` needs."""
+    missing = [f for f in gpu_features_needed(config) if not _GPU_FEATURES[f]()]
+    if missing:
+        raise NotImplementedError(
+            f"this TuningConfig needs {', '.join(missing)}, which jax {jax.__version__} lacks; "
+            "use TuningConfig.legacy() or upgrade JAX"
+        )
 
 
 def tpu_interpret_params() -> Any:
@@ -85,10 +136,7 @@ def eval_with_plain_adds(closed: Any, *args: Any) -> list[Any]:
             inner = eqn.params["jaxpr" if "jaxpr" in eqn.params else "call_jaxpr"]
             outs = eval_with_plain_adds(inner, *invals)
         else:
-            # jax 0.10 returns (subfuns, params); 0.12 returns params only.
-            bind_params = eqn.primitive.get_bind_params(eqn.params)
-            subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
-            ans = eqn.primitive.bind(*subfuns, *invals, **params)
+            ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
             outs = ans if eqn.primitive.multiple_results else [ans]
         for var, val in zip(eqn.outvars, outs, strict=True):
             env[var] = val

@@ -8,5 +8,11 @@ from ._api import (
     ffn_support as ffn_support,
     gated_ffn as gated_ffn,
 )
+from ._config import (
+    CONFIGS as CONFIGS,
+    ConfigName as ConfigName,
+    TuningConfig as TuningConfig,
+    default_config as default_config,
+)
 from ._reference import ffn_reference as ffn_reference, gated_ffn_reference as gated_ffn_reference
 from ._validate import SUPPORTED_DTYPES as SUPPORTED_DTYPES

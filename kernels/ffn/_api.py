@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from . import _pallas_gpu, _pallas_tpu, _sharded
+from ._config import TuningConfig, default_config
 from ._problem import Activation, Gated, Hidden, HiddenFn
 from ._reference import problem_reference, problem_reference_remat
 from ._validate import SUPPORTED_DTYPES, check_ffn_args
@@ -20,8 +22,9 @@ from ._vjp import KernelPlan, fused_ffn
 __all__ = ["Implementation", "KernelFamily", "Support", "ffn", "ffn_support", "gated_ffn"]
 
 Implementation = Literal["auto", "pallas", "interpret", "xla", "xla_remat"]
+"""What `ffn`/`gated_ffn` run; `typing.get_args(Implementation)` lists them."""
 KernelFamily = Literal["gpu", "tpu"]
-_IMPLEMENTATIONS = ("auto", "pallas", "interpret", "xla", "xla_remat")
+_IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
 
 _warned: set[str] = set()
 
@@ -53,16 +56,25 @@ def _family_and_interpret(implementation: str, backend: str | None):
     return family, (True if backend is None else _pallas_tpu.interpret_params())
 
 
-def _plan(phi: HiddenFn, x, ws, w_out, implementation, backend, block_m, block_h) -> KernelPlan:
+def _plan(
+    phi: HiddenFn, x, ws, w_out, implementation, backend, block_m, block_h, config=None
+) -> KernelPlan:
     family, interpret = _family_and_interpret(implementation, backend)
     tokens, hidden = x.shape[0], ws[0].shape[1]
     if family == "gpu":
         compiled = interpret is False
-        _pallas_gpu.check_supported(x, ws, w_out, compiled=compiled)
+        if config is None:
+            config = default_config(tokens, x.shape[1], hidden, len(ws))
+        _pallas_gpu.check_supported(x, ws, w_out, compiled=compiled, config=config)
         blocks = _pallas_gpu.gpu_blocks(
-            tokens, hidden, len(ws), block_m, block_h, compiled=compiled
+            tokens, hidden, len(ws), block_m, block_h, compiled=compiled, config=config
         )
-        return KernelPlan(phi, blocks, _pallas_gpu.forward, _pallas_gpu.backward, interpret)
+        # The blocks as run (block_m/block_h arguments and compiled rounding applied).
+        config = dataclasses.replace(config, block_m=blocks.block_m, block_h=blocks.block_h)
+        _pallas_gpu.check_shared_memory(x, ws, w_out, config)
+        return KernelPlan(
+            phi, blocks, _pallas_gpu.forward, _pallas_gpu.backward, interpret, config
+        )
     if family == "tpu":
         blocks = _pallas_tpu.tpu_blocks(tokens, hidden, x.dtype, block_m, block_h)
         return KernelPlan(phi, blocks, _pallas_tpu.forward, _pallas_tpu.backward, interpret)
@@ -76,6 +88,15 @@ def _check_block(fn_name: str, name: str, value: object) -> None:
         raise ValueError(
             f"{fn_name}: `{name}` must be a positive int or None, got {value!r}.\n"
             f"Pass e.g. `{name}=64`, or None for the backend's default."
+        )
+
+
+def _check_config(fn_name: str, config: object) -> None:
+    if config is not None and not isinstance(config, TuningConfig):
+        raise TypeError(
+            f"{fn_name}: `config` must be a kernels.ffn.TuningConfig or None, got "
+            f"{type(config).__name__}.\nBuild one with e.g. `TuningConfig(stages=4)` or use "
+            "`kernels.ffn.CONFIGS['pipelined']`."
         )
 
 
@@ -107,6 +128,7 @@ def ffn_support(
     biases: tuple[Any, ...] = (),
     implementation: Implementation = "auto",
     backend: KernelFamily | None = None,
+    config: TuningConfig | None = None,
 ) -> Support:
     """Which implementation `ffn`/`gated_ffn` would run for arguments of these shapes and dtypes.
 
@@ -119,9 +141,12 @@ def ffn_support(
     one dtype among [`kernels.SUPPORTED_DTYPES`][]; the Mosaic GPU kernels (`"pallas"` on a GPU,
     or `backend="gpu"`) take bfloat16/float16 only, `d` and `d_out` multiples of 64 (bfloat16;
     one 128-byte swizzle row), `hidden` a multiple of 128 (64 gated), and compiled, a Hopper
-    (sm_90) GPU. Used by `tie(..., fuse_ffn=...)` to route only what a kernel serves.
+    (sm_90) GPU; a `config` whose tile does not fit in shared memory, or that needs a Mosaic
+    GPU feature the installed JAX lacks, is not served either. Used by `tie(..., fuse_ffn=...)`
+    to route only what a kernel serves.
     """
     name = "gated_ffn" if len(ws) == 2 else "ffn"
+    _check_config(name, config)
     resolved = _resolve(name, implementation)
     if resolved in ("xla", "xla_remat"):
         return Support(resolved, None)
@@ -133,13 +158,16 @@ def ffn_support(
         return Support("xla", f"{dtypes[0]} is not a kernel dtype (float32, bfloat16, float16)")
     x2 = jax.ShapeDtypeStruct((math.prod(x.shape[:-1]), x.shape[-1]), x.dtype)
     try:
-        _plan(Hidden(jax.nn.relu), x2, ws, w_out, resolved, backend, None, None)
+        _plan(Hidden(jax.nn.relu), x2, ws, w_out, resolved, backend, None, None, config)
     except NotImplementedError as e:
         return Support("xla", str(e))
     return Support(resolved, None)
 
 
-def _dispatch(fn_name, phi, x, ws, bs, w_out, b_out, implementation, backend, block_m, block_h):
+def _dispatch(
+    fn_name, phi, x, ws, bs, w_out, b_out, implementation, backend, block_m, block_h, config
+):
+    _check_config(fn_name, config)
     implementation = _resolve(fn_name, implementation)
     _check_block(fn_name, "block_m", block_m)
     _check_block(fn_name, "block_h", block_h)
@@ -156,7 +184,17 @@ def _dispatch(fn_name, phi, x, ws, bs, w_out, b_out, implementation, backend, bl
             axes, n = (), 1
         local_tokens = math.prod(lead) // n
         try:
-            _plan(phi, _rows(local_tokens, x), ws, w_out, implementation, backend, block_m, block_h)
+            _plan(
+                phi,
+                _rows(local_tokens, x),
+                ws,
+                w_out,
+                implementation,
+                backend,
+                block_m,
+                block_h,
+                config,
+            )
         except NotImplementedError as e:
             _warn_once(
                 f"{fn_name}: the Pallas kernel cannot serve this call ({e}); "
@@ -171,7 +209,9 @@ def _dispatch(fn_name, phi, x, ws, bs, w_out, b_out, implementation, backend, bl
                     operands[2 * len(ws) :],
                 )
                 x2 = x.reshape(-1, x.shape[-1])
-                plan = _plan(phi, x2, ws_, w_out_, implementation, backend, block_m, block_h)
+                plan = _plan(
+                    phi, x2, ws_, w_out_, implementation, backend, block_m, block_h, config
+                )
                 out: jax.Array = fused_ffn(plan, x2, tuple(ws_), tuple(bs_), w_out_, b_out_)
                 return out.reshape(*x.shape[:-1], w_out_.shape[1])
 
@@ -199,6 +239,7 @@ def ffn(
     backend: KernelFamily | None = None,
     block_m: int | None = None,
     block_h: int | None = None,
+    config: TuningConfig | None = None,
 ) -> Float[Array, "*batch d_out"]:
     """The feed-forward block `activation(x @ w1 + b1) @ w2 + b2`, fused.
 
@@ -219,7 +260,10 @@ def ffn(
       backend). Each backend rounds them to a block it can run: the TPU kernels to multiples of
       8 rows (16 for 16-bit dtypes) and 128 columns; the Mosaic GPU kernels to a hidden chunk of
       whole 128-column tiles (64 gated) that divides `hidden` and, compiled, to multiples of 64
-      rows (WGMMA's M).
+      rows (WGMMA's M). They override `config`'s `block_m`/`block_h`.
+    - `config`: a [`kernels.ffn.TuningConfig`][] for the Mosaic GPU kernels (tiles, stages,
+      WGMMAs in flight, warp specialization, persistent grid); `None` for the default per
+      shape class (`kernels.ffn.default_config`). Other implementations ignore it.
 
     All arguments share one dtype (float32, bfloat16 or float16); matmuls accumulate in float32
     and the hidden activation is rounded to that dtype before `w2`.
@@ -244,6 +288,7 @@ def ffn(
         backend,
         block_m,
         block_h,
+        config,
     )
 
 
@@ -261,6 +306,7 @@ def gated_ffn(
     backend: KernelFamily | None = None,
     block_m: int | None = None,
     block_h: int | None = None,
+    config: TuningConfig | None = None,
 ) -> Float[Array, "*batch d_out"]:
     """The gated feed-forward block (SwiGLU by default), fused.
 
@@ -282,4 +328,5 @@ def gated_ffn(
         backend,
         block_m,
         block_h,
+        config,
     )

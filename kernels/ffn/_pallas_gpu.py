@@ -17,6 +17,7 @@ On CPU the same kernels run under Pallas' Mosaic GPU interpreter (`InterpretGPUP
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,20 +30,30 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from .. import _compat
 from . import _math
 from ._blocking import Blocks, pad_axis, round_up
+from ._config import TuningConfig
 from ._problem import HiddenFn
 
 
-__all__ = ["backward", "check_supported", "forward", "gpu_blocks", "interpret_params"]
+__all__ = [
+    "backward",
+    "check_shared_memory",
+    "check_supported",
+    "forward",
+    "gpu_blocks",
+    "interpret_params",
+]
 
 _F32 = jnp.float32
 _SWIZZLE = 128  # bytes; a K-block of one 128-byte swizzle row (64 bf16/f16 elements).
-_BLOCK_M = 64  # one warpgroup's WGMMA M.
-_DEFAULT_CHUNK = 1024
+_WGMMA_M = 64  # one warpgroup's WGMMA M.
+_SMEM_BYTES = 220 * 1024  # of a Hopper SM's 227 KiB, leaving room for barriers.
+_H100_SMS = 132  # SMs of an H100/H200 SXM: a persistent grid's size when lowering without a GPU.
+_PRODUCER_REGISTERS = 40  # the TMA warpgroup's registers (JAX's Hopper matmul uses 40).
 
 
-def interpret_params() -> Any:
+def interpret_params(*, detect_races: bool = False) -> Any:
     """`interpret=` that runs these kernels under the Mosaic GPU interpreter on CPU."""
-    return _compat.gpu_interpret_params()
+    return _compat.gpu_interpret_params(detect_races=detect_races)
 
 
 def _block_k(dtype) -> int:
@@ -53,30 +64,47 @@ def _transforms(dtype) -> tuple[Any, ...]:
     return (plgpu.TilingTransform((8, _block_k(dtype))), plgpu.SwizzleTransform(_SWIZZLE))
 
 
-def _block_n(arity: int) -> int:
-    # One float32 WGMMA accumulator of (64, block_n) costs block_n / 2 registers per thread;
-    # the recompute kernel holds arity + 1 of them.
-    return 128 if arity == 1 else 64
-
-
 def check_supported(
-    x: jax.Array, ws: Sequence[jax.Array], w_out: jax.Array, *, compiled: bool
+    x: jax.Array,
+    ws: Sequence[jax.Array],
+    w_out: jax.Array,
+    *,
+    compiled: bool,
+    config: TuningConfig | None = None,
 ) -> None:
     """Raise `NotImplementedError` (with the reason) for calls these kernels cannot serve."""
+    config = config or TuningConfig.legacy()
+    _compat.check_gpu_features(config)
     dtype = jnp.dtype(x.dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise NotImplementedError(
             f"{dtype.name} is not served by the Mosaic GPU kernels (they take bfloat16/float16)"
         )
-    bk, bn = _block_k(dtype), _block_n(len(ws))
+    bk, tn = _block_k(dtype), config.tile_n(len(ws))
     d, hidden, d_out = x.shape[1], ws[0].shape[1], w_out.shape[1]
-    for name, size, mult in (("d", d, bk), ("d_out", d_out, bk), ("hidden", hidden, bn)):
+    for name, size, mult in (("d", d, bk), ("d_out", d_out, bk), ("hidden", hidden, tn)):
         if size % mult:
             raise NotImplementedError(f"{name}={size} is not a multiple of {mult}")
     if compiled:
         cc = getattr(jax.devices()[0], "compute_capability", "0")
         if float(cc) < 9.0:
             raise NotImplementedError(f"WGMMA needs an sm_90 (Hopper) GPU, found sm_{cc}")
+
+
+def check_shared_memory(x, ws, w_out, config: TuningConfig) -> None:
+    """Raise `NotImplementedError` if the forward's or the backward's tile does not fit in shared
+    memory at two stages (`_tiling` lowers the stages until it does). Call it after
+    `check_supported`, with the `block_m` the kernels will run."""
+    k, bm, bn = len(ws), config.block_m, config.resolved_block_n(len(ws))
+    hidden = ws[0].shape[1]
+    fwd = (x, *ws)
+    w_t = jax.ShapeDtypeStruct((w_out.shape[1], hidden), x.dtype)
+    g = jax.ShapeDtypeStruct((x.shape[0], w_out.shape[1]), x.dtype)
+    bwd = (x, *ws, g, w_t)
+    _tiling([(0, 1 + j) for j in range(k)], fwd, 1, k, bm, bn, config)
+    if config.warp_specialized and x.shape[1] != w_out.shape[1]:
+        config = dataclasses.replace(config, warp_specialized=False)
+    _tiling([*((0, 1 + j) for j in range(k)), (k + 1, k + 2)], bwd, k + 1, k, bm, bn, config)
 
 
 def gpu_blocks(
@@ -87,109 +115,289 @@ def gpu_blocks(
     block_h: int | None,
     *,
     compiled: bool = False,
+    config: TuningConfig | None = None,
 ) -> Blocks:
-    """Token blocks of `block_m` rows (64 by default) and hidden chunks of `block_h` columns.
+    """Token blocks of `block_m` rows and hidden chunks of `block_h` columns (each defaults to
+    `config`'s, `TuningConfig.legacy()`'s when `config` is `None`: 64 and 1024).
 
-    The chunk is the largest multiple of the tile width (128, 64 gated) that divides `hidden` and
-    is at most `block_h` (but at least one tile). Compiled kernels round `block_m` up to a
-    multiple of 64, the M of one warpgroup's WGMMA (Mosaic GPU rejects any other accumulator
-    height); the interpreter takes any `block_m`.
+    The chunk is the largest multiple of the tile width (`config.tile_n(arity)`: 128, 64
+    gated, for the legacy config) that divides `hidden` and is at most `block_h` (but at least
+    one tile). Compiled kernels round `block_m` up to a multiple of 64, the M of one
+    warpgroup's WGMMA (Mosaic GPU rejects any other accumulator height); the interpreter takes
+    any `block_m`.
     """
-    bn = _block_n(arity)
-    chunk = max(min(block_h or _DEFAULT_CHUNK, hidden) // bn * bn, bn)
+    config = config or TuningConfig.legacy()
+    tn = config.tile_n(arity)
+    chunk = max(min(block_h or config.block_h, hidden) // tn * tn, tn)
     while hidden % chunk:
-        chunk -= bn
-    bm = block_m or _BLOCK_M
+        chunk -= tn
+    bm = block_m or config.block_m
     if compiled:
-        bm = min(round_up(bm, _BLOCK_M), round_up(tokens, _BLOCK_M))
+        bm = min(round_up(bm, _WGMMA_M), round_up(tokens, _WGMMA_M))
     return Blocks(tokens, hidden, bm, chunk)
 
 
-def _tile_gemm(acc_ref, a_gmem, b_gmem, mi, ni, bm: int, bn: int):
-    """`acc += a[mi block, :] @ b[:, ni block]`, pipelined over K through swizzled SMEM."""
-    dtype = a_gmem.dtype
-    bk, tr = _block_k(dtype), _transforms(dtype)
+@dataclasses.dataclass(frozen=True)
+class _Tiling:
+    """What one tile kernel runs: the GEMMs `operands[a] @ operands[b]` (one float32
+    accumulator each), grouped into pipelines, with the config's schedule."""
 
-    def step(_, a_smem, b_smem):
-        plgpu.wgmma(acc_ref, a_smem, b_smem)
-        plgpu.wgmma_wait(0)
-
-    plgpu.emit_pipeline(
-        step,
-        grid=(a_gmem.shape[1] // bk,),
-        in_specs=[
-            plgpu.BlockSpec((bm, bk), lambda kk: (mi, kk), transforms=tr),
-            plgpu.BlockSpec((bk, bn), lambda kk: (kk, ni), transforms=tr),
-        ],
-        max_concurrent_steps=2,
-    )(a_gmem, b_gmem)
+    gemms: tuple[tuple[int, int], ...]
+    pipelines: tuple[tuple[int, ...], ...]
+    bm: int
+    bn: int
+    wgs: int  # consumer warpgroups (1 without warp specialization)
+    stages: int
+    slots: int  # epilogue buffers per output (2: double-buffered, persistent grids)
+    config: TuningConfig
 
 
-def _tiles_kernel(
-    epilogue,
-    operands,
-    n_gemms: int,
-    n_bias: int,
-    n_out: int,
-    rows: int,
-    cols: int,
-    bm: int,
-    bn: int,
-    interpret: Any,
-):
-    """One `plgpu.kernel` over `(rows/bm, cols/bn)` tiles.
+def _pipelines(gemms, operands, config: TuningConfig) -> tuple[tuple[int, ...], ...]:
+    """Which GEMMs share a pipeline: each its own (legacy); with `share_lhs` one per left
+    operand, or all in one when their K agree (a warp-specialized kernel needs one)."""
+    if not config.share_lhs and not config.warp_specialized:
+        return tuple((i,) for i in range(len(gemms)))
+    ks = {operands[a].shape[1] for a, _ in gemms}
+    if len(ks) == 1:
+        return (tuple(range(len(gemms))),)
+    if config.warp_specialized:
+        raise NotImplementedError("a warp-specialized tile needs every GEMM to share K")
+    lhs = list(dict.fromkeys(a for a, _ in gemms))
+    return tuple(tuple(i for i, (a, _) in enumerate(gemms) if a == l) for l in lhs)
 
-    `operands = (a_1, b_1, ..., a_g, b_g, bias_1, ..., bias_q)`; the tile computes the float32
-    accumulators `a_i @ b_i`, adds bias `i` to
-    accumulator `i`, and stores `epilogue(*accumulators)` (`n_out` arrays) to `(rows, cols)`.
+
+def _smem_bytes(t: _Tiling, operands, n_out: int, n_bias: int, stages: int, slots: int) -> int:
+    item = jnp.dtype(operands[0].dtype).itemsize
+    bk = _block_k(operands[0].dtype)
+    per_stage = 0
+    for p in t.pipelines:
+        lhs = {t.gemms[i][0] for i in p}
+        per_stage = max(per_stage, (len(lhs) * t.bm + len(p) * t.bn * t.wgs) * bk * item)
+    outs = t.wgs * slots * n_out * t.bm * t.bn * item
+    return stages * per_stage + outs + t.wgs * max(n_bias, 1) * t.bn * item
+
+
+def _tiling(gemms, operands, n_out, n_bias, bm, bn, config: TuningConfig) -> _Tiling:
+    """The config's schedule, with stages (then epilogue buffers) lowered to fit shared memory."""
+    t = _Tiling(
+        gemms=tuple(gemms),
+        pipelines=_pipelines(gemms, operands, config),
+        bm=bm,
+        bn=bn,
+        wgs=config.compute_wgs if config.warp_specialized else 1,
+        stages=config.stages,
+        slots=2 if config.persistent else 1,
+        config=config,
+    )
+    floor = max(2, config.wgmmas_in_flight + 1)
+    for slots in range(t.slots, 0, -1):
+        for stages in range(t.stages, floor - 1, -1):
+            if _smem_bytes(t, operands, n_out, n_bias, stages, slots) <= _SMEM_BYTES:
+                return dataclasses.replace(t, stages=stages, slots=slots)
+    need = _smem_bytes(t, operands, n_out, n_bias, floor, 1)
+    raise NotImplementedError(
+        f"a ({bm}, {bn * t.wgs}) tile of {len(gemms)} GEMMs needs {need // 1024} KiB of shared "
+        f"memory at {floor} stages (a Hopper SM has {_SMEM_BYTES // 1024}); use a smaller "
+        "block_m/block_n or a config without warp specialization"
+    )
+
+
+def _grid_size(tiles: int, config: TuningConfig, interpret: Any) -> int:
+    sms = config.num_sms
+    if sms is None:
+        device = jax.devices()[0]
+        sms = getattr(device, "core_count", None) if interpret is False else None
+        sms = sms if device.platform == "gpu" and sms else _H100_SMS
+    return max(1, min(sms, tiles))
+
+
+def _run_pipeline(t: _Tiling, pipeline, operands, acc_refs, mi, col0, *, wg=None, allocs=None):
+    """`acc_refs[i] += a_i[rows] @ b_i[:, cols]` for the GEMMs of one pipeline, over K.
+
+    Without warp specialization this emits the pipeline; with it (`wg` given) it returns the
+    body and specs for `emit_pipeline_warp_specialized`.
     """
     dtype = operands[0].dtype
-    tr = _transforms(dtype)
+    bk, tr = _block_k(dtype), _transforms(dtype)
+    lhs = list(dict.fromkeys(t.gemms[i][0] for i in pipeline))
+    tn = t.bn * t.wgs
+    k_steps = operands[lhs[0]].shape[1] // bk
+    # One K step leaves nothing to overlap. It is also where a persistent warp-specialized
+    # pipeline with delay_release=1 goes wrong under the interpreter (jax 0.10.2: wrong sums at
+    # 2 stages, a barrier-phase error at 3), so such a pipeline waits for every WGMMA.
+    lag = t.config.wgmmas_in_flight if k_steps > t.config.wgmmas_in_flight else 0
+    specs, srcs = [], []
+    for a in lhs:
+        specs.append(plgpu.BlockSpec((t.bm, bk), lambda kk: (0, kk), transforms=tr,
+                                     **({"delay_release": lag} if lag else {})))
+        srcs.append(operands[a].at[pl.ds(mi * t.bm, t.bm), :])
+    for i in pipeline:
+        specs.append(plgpu.BlockSpec((bk, tn), lambda kk: (kk, 0), transforms=tr,
+                                     **({"delay_release": lag} if lag else {})))
+        srcs.append(operands[t.gemms[i][1]].at[:, pl.ds(col0, tn)])
 
-    def body(*refs):
-        ins, outs, scratch = (
-            refs[: len(operands)],
-            refs[len(operands) : len(operands) + n_out],
-            refs[len(operands) + n_out :],
-        )
-        out_smems, bias_smems, barrier = scratch[:n_out], scratch[n_out:-1], scratch[-1]
-        mi, ni = lax.axis_index("m"), lax.axis_index("n")
-        accs = []
-        for g in range(n_gemms):
-            a_gmem, b_gmem = ins[2 * g], ins[2 * g + 1]
+    def mma(smems, accs):
+        for j, i in enumerate(pipeline):
+            b_smem = smems[len(lhs) + j]
+            if wg is not None and t.wgs > 1:
+                b_smem = b_smem.at[:, pl.ds(wg * t.bn, t.bn)]
+            plgpu.wgmma(accs[j], smems[lhs.index(t.gemms[i][0])], b_smem)
+        # Leave this step's WGMMAs in flight (lag 1) or none (lag 0): the pipeline holds the
+        # previous step's buffers until now (delay_release), so they may then be refilled.
+        plgpu.wgmma_wait(lag * len(pipeline))
 
-            def scope(acc_ref, a_gmem=a_gmem, b_gmem=b_gmem, g=g):
-                _tile_gemm(acc_ref, a_gmem, b_gmem, mi, ni, bm, bn)
-                return acc_ref[...]
+    if wg is None:
+        def step(_, *smems):
+            mma(smems, [acc_refs[i] for i in pipeline])
 
-            accs.append(pl.run_scoped(scope, plgpu.ACC((bm, bn), _F32)))
+        plgpu.emit_pipeline(step, grid=(k_steps,), in_specs=specs,
+                            max_concurrent_steps=t.stages)(*srcs)
+        if lag:
+            plgpu.wgmma_wait(0)
+        return None
+    return k_steps, specs, srcs, mma
+
+
+def _tiles_kernel(epilogue, operands, gemms, n_bias, n_out, rows, cols, bm, bn, config,
+                  interpret):
+    """One `plgpu.kernel` over `(rows/bm, cols/tile_n)` output tiles.
+
+    `operands = (arrays..., bias_1, ..., bias_q)`; `gemms` are `(a, b)` operand indices. A tile
+    computes the float32 accumulators `operands[a] @ operands[b]`, adds bias `i` to accumulator
+    `i`, and stores `epilogue(*accumulators)` (`n_out` arrays) to `(rows, cols)`.
+    """
+    dtype = operands[0].dtype
+    arrays, bias_in = operands[: len(operands) - n_bias], operands[len(operands) - n_bias :]
+    t = _tiling(gemms, arrays, n_out, n_bias, bm, bn, config)
+    tr, tn = _transforms(dtype), bn * t.wgs
+    m_tiles, n_tiles = rows // bm, cols // tn
+    ws_mode = config.warp_specialized
+
+    def store(accs, mi, col0, wg, slot, out_smems, bias_smem, barrier, outs):
+        """Bias, epilogue, and the results' copy to global memory (left in flight)."""
+        accs = list(accs)
         for q in range(n_bias):
-            plgpu.copy_gmem_to_smem(
-                ins[2 * n_gemms + q].at[pl.ds(ni * bn, bn)], bias_smems[q], barrier.at[q]
-            )
-            plgpu.barrier_wait(barrier.at[q])
-            b = _compat.gpu_layout_cast(bias_smems[q][...], plgpu.Layout.WGMMA.reduce(0), interpret)
+            plgpu.copy_gmem_to_smem(bias_in_refs[q].at[pl.ds(col0, bn)], bias_smem.at[wg, q],
+                                    barrier.at[wg * n_bias + q])
+            plgpu.barrier_wait(barrier.at[wg * n_bias + q])
+            b = _compat.gpu_layout_cast(bias_smem[wg, q], plgpu.Layout.WGMMA.reduce(0), interpret)
             accs[q] = accs[q] + lax.broadcast_in_dim(b.astype(_F32), (bm, bn), (1,))
         results = epilogue(*accs)
-        for value, o_smem, o_gmem in zip(results, out_smems, outs, strict=True):
-            o_smem[...] = value.astype(o_smem.dtype)
+        if t.slots > 1:  # this slot's copies of two tiles ago must have left shared memory
+            plgpu.wait_smem_to_gmem(n_out, wait_read_only=True)
+        elif config.persistent:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        for value, o_smem in zip(results, out_smems, strict=True):
+            o_smem[wg, slot] = value.astype(dtype)
         plgpu.commit_smem()
         for o_smem, o_gmem in zip(out_smems, outs, strict=True):
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
-        plgpu.wait_smem_to_gmem(0)
+            plgpu.copy_smem_to_gmem(
+                o_smem.at[wg, slot], o_gmem.at[pl.ds(mi * bm, bm), pl.ds(col0, bn)]
+            )
 
-    scratch = [
-        *[plgpu.SMEM((bm, bn), dtype, transforms=tr) for _ in range(n_out)],
-        *[plgpu.SMEM((bn,), dtype) for _ in range(n_bias)],
-        plgpu.Barrier(num_barriers=max(n_bias, 1)),
-    ]
-    kwargs = {} if interpret is False else {"interpret": interpret}
+    bias_in_refs: list[Any] = []
+
+    def tiles(visit):
+        """Call `visit(mi, ni, slot)` for this program's tiles."""
+        if config.persistent:
+            @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
+            def _(info):
+                (lin,) = info.index
+                mi, ni = plgpu.planar_snake(lin, (m_tiles, n_tiles), 1, config.grid_tile_width)
+                visit(mi, ni, info.local_index % t.slots if t.slots > 1 else 0)
+        else:
+            visit(lax.axis_index("m"), lax.axis_index("n"), 0)
+
+    def scratch_types():
+        return dict(
+            out_smems=[plgpu.SMEM((t.wgs, t.slots, bm, bn), dtype, transforms=tr)
+                       for _ in range(n_out)],
+            bias_smem=plgpu.SMEM((t.wgs, max(n_bias, 1), bn), dtype),
+            barrier=plgpu.Barrier(num_barriers=t.wgs * max(n_bias, 1)),
+        )
+
+    def body(*refs):
+        ins, outs = refs[: len(arrays)], refs[len(operands) :]
+        bias_in_refs[:] = refs[len(arrays) : len(operands)]
+        if not ws_mode:
+            def plain_scope(out_smems, bias_smem, barrier):
+                def visit(mi, ni, slot):
+                    def acc_scope(*acc_refs):
+                        for p in t.pipelines:
+                            _run_pipeline(t, p, ins, acc_refs, mi, ni * tn)
+                        return [r[...] for r in acc_refs]
+
+                    accs = pl.run_scoped(acc_scope, *[plgpu.ACC((bm, bn), _F32) for _ in gemms])
+                    store(accs, mi, ni * tn, 0, slot, out_smems, bias_smem, barrier, outs)
+
+                tiles(visit)
+
+            pl.run_scoped(plain_scope, **scratch_types())
+            plgpu.wait_smem_to_gmem(0)
+            return
+
+        (pipeline,) = t.pipelines
+        ignore = lambda *_, **__: None  # noqa: E731
+
+        def make(mi, ni, wg, compute_context):
+            k_steps, specs, srcs, mma = _run_pipeline(t, pipeline, ins, None, mi, ni * tn, wg=wg)
+
+            def step(_, *smems_and_accs):
+                smems, accs = smems_and_accs[:-1], smems_and_accs[-1]
+                mma(smems, accs)
+                return accs
+
+            return plgpu.emit_pipeline_warp_specialized(
+                step if compute_context is not ignore else ignore,
+                grid=(k_steps,),
+                memory_registers=_PRODUCER_REGISTERS,
+                in_specs=specs,
+                wg_axis="wg",
+                num_compute_wgs=t.wgs,
+                max_concurrent_steps=t.stages,
+                compute_context=compute_context,
+            ), srcs
+
+        zero = jnp.int32(0)
+        proto, proto_srcs = make(zero, zero, zero, ignore)
+
+        def ws_scope(allocs, out_smems, bias_smem, barrier):
+            wg = lax.axis_index("wg")
+
+            def visit(mi, ni, slot):
+                def compute_context(eval_pipeline):
+                    def acc_scope(*acc_refs):
+                        eval_pipeline(tuple(acc_refs))
+                        plgpu.wgmma_wait(0)
+                        accs = [r[...] for r in acc_refs]
+                        store(accs, mi, ni * tn + wg * bn, wg, slot, out_smems, bias_smem,
+                              barrier, outs)
+
+                    pl.run_scoped(acc_scope, *[plgpu.ACC((bm, bn), _F32) for _ in gemms])
+
+                run, srcs = make(mi, ni, wg, compute_context)
+                run(*srcs, allocations=allocs)
+
+            tiles(visit)
+
+        pl.run_scoped(
+            ws_scope,
+            proto.get_allocations(*proto_srcs),
+            **scratch_types(),
+            collective_axes="wg",
+        )
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kwargs: dict[str, Any] = {} if interpret is False else {"interpret": interpret}
+    if config.persistent:
+        kwargs |= dict(grid=(_grid_size(m_tiles * n_tiles, config, interpret),), grid_names=("sm",))
+    else:
+        kwargs |= dict(grid=(m_tiles, n_tiles), grid_names=("m", "n"))
+    if ws_mode:
+        kwargs |= dict(num_threads=t.wgs + 1, thread_name="wg")
     return plgpu.kernel(
         body,
         out_type=[jax.ShapeDtypeStruct((rows, cols), dtype) for _ in range(n_out)],
-        scratch_types=scratch,
-        grid=(rows // bm, cols // bn),
-        grid_names=("m", "n"),
         **kwargs,
     )(*operands)
 
@@ -202,39 +410,43 @@ def _with_bias_first(ws, bs):
     return order, inverse
 
 
-def _hidden_chunk(phi, xp, ws_c, bs_c, bm, bn, interpret):
+def _hidden_chunk(phi, xp, ws_c, bs_c, bm, config, interpret):
     """`h = phi(x W_c + b_c)` for one hidden chunk, `(padded tokens, chunk)` in `x.dtype`."""
     order, inverse = _with_bias_first(ws_c, bs_c)
-    pairs = [a for i in order for a in (xp, ws_c[i])]
     biases = [bs_c[i] for i in order if bs_c[i] is not None]
+    k = len(ws_c)
 
     def epilogue(*zs):
         return (_math.hidden(phi, [zs[j] for j in inverse], None),)
 
     (h,) = _tiles_kernel(
         epilogue,
-        (*pairs, *biases),
-        len(ws_c),
+        (xp, *(ws_c[i] for i in order), *biases),
+        [(0, 1 + j) for j in range(k)],
         len(biases),
         1,
         xp.shape[0],
         ws_c[0].shape[1],
         bm,
-        bn,
+        config.resolved_block_n(k),
+        config,
         interpret,
     )
     return h
 
 
-def _recompute_chunk(phi, xp, gp, ws_c, bs_c, w_out_t_c, bm, bn, interpret):
+def _recompute_chunk(phi, xp, gp, ws_c, bs_c, w_out_t_c, bm, config, interpret):
     """`(h, dz_1, ..., dz_k)` for one hidden chunk, each `(padded tokens, chunk)`.
 
-    `w_out_t_c` is the chunk of `W_out^T`, `(d_out, chunk)`, so `dh = g @ w_out_t_c`.
+    `w_out_t_c` is the chunk of `W_out^T`, `(d_out, chunk)`, so `dh = g @ w_out_t_c`. A
+    warp-specialized config needs one pipeline, so `d == d_out`; otherwise this kernel runs
+    the same config without warp specialization.
     """
     order, inverse = _with_bias_first(ws_c, bs_c)
     k = len(ws_c)
-    pairs = [a for i in order for a in (xp, ws_c[i])] + [gp, w_out_t_c]
     biases = [bs_c[i] for i in order if bs_c[i] is not None]
+    if config.warp_specialized and xp.shape[1] != gp.shape[1]:
+        config = dataclasses.replace(config, warp_specialized=False)
 
     def epilogue(*accs):
         zs, dh = [accs[j] for j in inverse], accs[k]
@@ -243,14 +455,15 @@ def _recompute_chunk(phi, xp, gp, ws_c, bs_c, w_out_t_c, bm, bn, interpret):
 
     return _tiles_kernel(
         epilogue,
-        (*pairs, *biases),
-        k + 1,
+        (xp, *(ws_c[i] for i in order), gp, w_out_t_c, *biases),
+        [*((0, 1 + j) for j in range(k)), (k + 1, k + 2)],
         len(biases),
         k + 1,
         xp.shape[0],
         ws_c[0].shape[1],
         bm,
-        bn,
+        config.resolved_block_n(k),
+        config,
         interpret,
     )
 
@@ -268,14 +481,26 @@ def _chunk_ids(blocks: Blocks) -> jax.Array:
     return jnp.arange(blocks.hidden // blocks.block_h, dtype=jnp.int32)
 
 
-def forward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, *, interpret: Any = False):
+def forward(
+    phi: HiddenFn,
+    blocks: Blocks,
+    x,
+    ws,
+    bs,
+    w_out,
+    b_out,
+    *,
+    interpret: Any = False,
+    config: TuningConfig | None = None,
+):
     """`phi(x W + b) @ W_out + b_out` for `x` of shape `(tokens, d)`; returns `x.dtype`."""
-    bm, bn, m = blocks.block_m, _block_n(len(ws)), blocks.tokens
+    config = config or TuningConfig.legacy()
+    bm, m = blocks.block_m, blocks.tokens
     xp = pad_axis(x, 0, blocks.padded_tokens)
 
     def chunk_step(out, j):
         ws_c, bs_c, w_out_c = _chunk(blocks, j, ws, bs, w_out)
-        h = _hidden_chunk(phi, xp, ws_c, bs_c, bm, bn, interpret)[:m]
+        h = _hidden_chunk(phi, xp, ws_c, bs_c, bm, config, interpret)[:m]
         return out + _math.mm(h, w_out_c), None
 
     out0 = jnp.zeros((m, w_out.shape[1]), _F32)
@@ -285,14 +510,27 @@ def forward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, *, interpret
     return out.astype(x.dtype)
 
 
-def backward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, g, *, interpret: Any = False):
+def backward(
+    phi: HiddenFn,
+    blocks: Blocks,
+    x,
+    ws,
+    bs,
+    w_out,
+    b_out,
+    g,
+    *,
+    interpret: Any = False,
+    config: TuningConfig | None = None,
+):
     """Cotangents `(dx, dws, dbs, dw_out, db_out)` of `forward` at `g`, one hidden chunk at a
     time; in the dtypes of the corresponding inputs.
 
     `dW_i` chunks are written in place into a `(d, hidden)` scan carry (no stacked copy to
     transpose); `db_i` and `dW_out` chunks stack along the hidden axis as they are.
     """
-    bm, bn, m, c = blocks.block_m, _block_n(len(ws)), blocks.tokens, blocks.block_h
+    config = config or TuningConfig.legacy()
+    bm, m, c = blocks.block_m, blocks.tokens, blocks.block_h
     xp, gp = pad_axis(x, 0, blocks.padded_tokens), pad_axis(g, 0, blocks.padded_tokens)
 
     def chunk_step(carry, j):
@@ -300,7 +538,8 @@ def backward(phi: HiddenFn, blocks: Blocks, x, ws, bs, w_out, b_out, g, *, inter
         ws_c, bs_c, w_out_c = _chunk(blocks, j, ws, bs, w_out)
         w_out_t_c = w_out_c.T  # (d_out, chunk): a chunk-sized copy, so the kernel reads K-major.
         h, *dzs = (
-            a[:m] for a in _recompute_chunk(phi, xp, gp, ws_c, bs_c, w_out_t_c, bm, bn, interpret)
+            a[:m]
+            for a in _recompute_chunk(phi, xp, gp, ws_c, bs_c, w_out_t_c, bm, config, interpret)
         )
         dws = tuple(
             lax.dynamic_update_slice_in_dim(dw, _math.mm_tn(x, dz).astype(dw.dtype), j * c, axis=1)

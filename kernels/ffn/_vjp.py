@@ -21,7 +21,8 @@ class KernelPlan:
     """A backend's kernels bound to one problem: hidden function, tiling and interpret mode.
 
     `forward(phi, blocks, x, ws, bs, w_out, b_out, *, interpret)` returns the output;
-    `backward(..., g, *, interpret)` returns `(dx, dws, dbs, dw_out, db_out)`.
+    `backward(..., g, *, interpret)` returns `(dx, dws, dbs, dw_out, db_out)`; both also take
+    `config=` when the plan carries one (the Mosaic GPU kernels' `TuningConfig`).
     """
 
     phi: HiddenFn
@@ -29,15 +30,20 @@ class KernelPlan:
     forward: Callable[..., Any]
     backward: Callable[..., Any]
     interpret: Any = False
+    config: Any = None  # a `TuningConfig` for the Mosaic GPU kernels; None elsewhere.
+
+    def _options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"interpret": self.interpret}
+        if self.config is not None:
+            options["config"] = self.config
+        return options
 
     def run_forward(self, x, ws, bs, w_out, b_out):
-        return self.forward(
-            self.phi, self.blocks, x, ws, bs, w_out, b_out, interpret=self.interpret
-        )
+        return self.forward(self.phi, self.blocks, x, ws, bs, w_out, b_out, **self._options())
 
     def run_backward(self, x, ws, bs, w_out, b_out, g):
         return self.backward(
-            self.phi, self.blocks, x, ws, bs, w_out, b_out, g, interpret=self.interpret
+            self.phi, self.blocks, x, ws, bs, w_out, b_out, g, **self._options()
         )
 
 
