@@ -9,7 +9,7 @@ import pytest
 
 import tietransform as tt
 from tests.helpers import Tower
-from tietransform._paths import matches, parse_pattern, segments
+from tietransform._paths import matches, parse_pattern
 
 
 def stacked_model():
@@ -73,9 +73,7 @@ def is_node(model, pattern):
         )[0]
     ]
     parsed = parse_pattern(pattern)
-    return any(
-        matches(parsed, segments(k[:depth])) for k in keypaths for depth in range(len(k) + 1)
-    )
+    return any(matches(parsed, k[:depth]) for k in keypaths for depth in range(len(k) + 1))
 
 
 def test_a_one_member_group_on_a_stacked_model_suggests_tt_stack_and_no_list_pattern():

@@ -40,7 +40,22 @@ import jax
 import numpy as np
 
 from ._errors import describe_leaf, format_type, leaf_type
-from ._paths import KeyPath, Segment, format_path, matches, nearest, parse_pattern, segments
+from ._paths import (
+    Glob,
+    Key,
+    KeyPath,
+    PatternSegment,
+    Segment,
+    Slice,
+    format_path,
+    format_segment,
+    matches,
+    nearest,
+    parse_pattern,
+    segments,
+    where_source,
+    writable,
+)
 from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder
 from ._record import fn_name
 from ._spec import Declaration, Group, Selector, Stack, TieSpec, View
@@ -191,7 +206,7 @@ def _group_rule(index: Index, name: str, decl: Group) -> Resolved:
             f"Tie group {name!r} selects only one member ({members[0].path}); a tie needs "
             f"at least two. {one_member_hint(index, name, members[0])}"
         )
-    canonical = _pick_canonical(name, members, decl.canonical)
+    canonical = _pick_canonical(index, name, members, decl.canonical)
     readers = [m for m in members if m is not canonical]
     _check_disjoint(name, members)
     _check_same_structure(name, [canonical, *readers])
@@ -354,10 +369,11 @@ def _select_all(index: Index, name: str, selectors: Sequence[Selector]) -> list[
 
 def _select_pattern(index: Index, name: str, pattern: str) -> list[KeyPath]:
     parsed = parse_pattern(pattern)
-    found = [k for k in index.nodes if matches(parsed, segments(k))]
+    lengths = _sequence_lengths(index) if _needs_lengths(parsed) else None
+    found = [k for k in index.nodes if matches(parsed, k, lengths)]
     if found:
         return found
-    empty = [k for k in _empty_nodes(index) if matches(parsed, segments(k))]
+    empty = [k for k in _empty_nodes(index) if matches(parsed, k, lengths)]
     if empty:
         raise ValueError(
             f"Pattern {pattern!r} of tie group {name!r} matches only "
@@ -374,6 +390,39 @@ def _select_pattern(index: Index, name: str, pattern: str) -> list[KeyPath]:
         + stacked_hint(index, parsed)
         + (f" Nearest paths: {', '.join(hint)}." if hint else "")
         + f" Paths look like {example!r}; `*` matches one segment, `**` many."
+        + _unwritable_hint(index)
+    )
+
+
+def _needs_lengths(parsed: Sequence[Any]) -> bool:
+    """Whether a pattern has segments (`[-1]`, `[1:]`) that need the lengths of sequences."""
+    return any(
+        isinstance(s, Slice) or (isinstance(s, Key) and type(s.value) is int and s.value < 0)
+        for s in parsed
+    )
+
+
+def _sequence_lengths(index: Index) -> Any:
+    """A function from a node's path to its length if it is a list or tuple (else None), counting
+    the elements that hold no leaves (`None`, empty containers) too."""
+    lengths: dict[KeyPath, int] = {}
+    for keys in [*index.nodes, *_empty_nodes(index)]:
+        for depth, key in enumerate(keys):
+            if isinstance(key, jax.tree_util.SequenceKey):
+                parent = keys[:depth]
+                lengths[parent] = max(lengths.get(parent, 0), key.idx + 1)
+    return lengths.get
+
+
+def _unwritable_hint(index: Index) -> str:
+    """For models with keys that no pattern spells (enum members, objects): `where` functions."""
+    odd = [k for k in index.nodes if k and not writable(k[-1])]
+    if not odd:
+        return ""
+    shown = "; ".join(f"{format_path(k)}: `{where_source(k)}`" for k in odd[:3])
+    return (
+        f" Some keys of this model cannot be written as a pattern; select them with a `where` "
+        f"function instead: {shown}{' ...' if len(odd) > 3 else ''}."
     )
 
 
@@ -397,7 +446,20 @@ def _select_where(index: Index, name: str, where: Callable[[Any], Any]) -> list[
             f"({type(error).__name__}: {error}). It must only select nodes, e.g. "
             "`lambda m: [b.mlp for b in m.blocks]`, not compute with them."
         ) from error
+    if isinstance(picked, list | tuple) and not picked:
+        raise ValueError(
+            f"The `where` function of tie group {name!r} returned an empty "
+            f"{type(picked).__name__}, which selects no member. Return the nodes to tie, e.g. "
+            "`lambda m: [b.mlp for b in m.blocks]`; an empty field of the model holds no arrays "
+            "to tie."
+        )
     picked = list(picked) if isinstance(picked, list | tuple) else [picked]
+    if any(obj is None for obj in picked):
+        raise ValueError(
+            f"The `where` function of tie group {name!r} returned None, which holds no array "
+            "(e.g. a Linear's bias with use_bias=False is None). Return nodes that hold arrays, "
+            "and leave the None fields out."
+        )
     wanted = {id(x): x for obj in picked for x in (obj, _inner_mapping(obj)) if x is not None}
     located: dict[int, KeyPath] = {}
     with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: id(x) in wanted)
@@ -494,7 +556,9 @@ def _check_same_structure(name: str, members: Sequence[Member]) -> None:
         )
 
 
-def _pick_canonical(name: str, members: Sequence[Member], canonical: str | int | None) -> Member:
+def _pick_canonical(
+    index: Index, name: str, members: Sequence[Member], canonical: str | int | None
+) -> Member:
     if canonical is None:
         return members[0]
     if isinstance(canonical, int):
@@ -505,7 +569,8 @@ def _pick_canonical(name: str, members: Sequence[Member], canonical: str | int |
             )
         return members[canonical]
     wanted = parse_pattern(canonical)
-    found = [m for m in members if matches(wanted, segments(m.keys))]
+    lengths = _sequence_lengths(index) if _needs_lengths(wanted) else None
+    found = [m for m in members if matches(wanted, m.keys, lengths)]
     if len(found) > 1:
         raise ValueError(
             f"canonical={canonical!r} matches {len(found)} members of tie group {name!r}; name "
@@ -553,8 +618,16 @@ def _check_layer_stacks(
             continue
         for member in group.members:
             shapes = {i: full_shape(leaves[i]) for i in member.leaves}
-            if all(s is None for s in shapes.values()):
-                _refuse_unstacked(group.name, member, leaves)
+            if all(s is None and not is_placeholder(leaves[i]) for i, s in shapes.items()):
+                _refuse_unstacked(group.name, member, leaves)  # (a restored dict: refused later)
+            empty = [i for i, s in shapes.items() if s and s[0] == 0]
+            if empty:
+                raise ValueError(
+                    f"tt.stack group {group.name!r} selects {plan.paths[empty[0]]} "
+                    f"({_full_type(leaves[empty[0]])}), whose leading axis has length 0: it "
+                    "stacks no layer, so there is no slice to keep. Stack at least one layer, "
+                    "or leave this array out of the declaration."
+                )
             lengths = {s[0] if s else None for s in shapes.values() if s is not None}
             if len(lengths) <= 1:
                 continue
@@ -607,8 +680,10 @@ def _check_view_orientation(plan: Plan, treedef: Any, leaves: Sequence[Any]) -> 
     `Linear` (same orientation) is warned about, since it may tie the wrong orientation."""
     for slot in plan.slots:
         shape = full_shape(leaves[slot.canonical])
-        same = [r for r in slot.readers if shape is not None and full_shape(leaves[r]) == shape]
-        if slot.fn is None or not same:
+        if slot.fn is None or shape is None:
+            continue
+        same = [r for r in slot.readers if full_shape(leaves[r]) == shape]
+        if not same:
             continue
         dtype = leaf_type(leaves[slot.canonical])[1]
         try:
@@ -616,10 +691,10 @@ def _check_view_orientation(plan: Plan, treedef: Any, leaves: Sequence[Any]) -> 
         except Exception:
             continue  # the layout check reports a view that fails, with its error
         source, targets = plan.paths[slot.canonical], [plan.paths[r] for r in same]
-        if getattr(out, "shape", None) != shape:
+        if isinstance(out, jax.ShapeDtypeStruct) and out.shape != shape:
             raise ValueError(
                 f"View {slot.group!r} changes the shape of {source} ({format_type(shape, dtype)}) "
-                f"to {format_type(getattr(out, 'shape', ()), dtype)} with {fn_name(slot.fn)}, but "
+                f"to {format_type(out.shape, out.dtype)} with {fn_name(slot.fn)}, but "
                 f"{', '.join(targets)} already {'has' if len(same) == 1 else 'have'} the source's "
                 "shape, so no transform is needed. Tie them with a plain group: "
                 f"TieSpec({slot.group}={[source, *targets]!r}). {_ORIENTATION}"
@@ -702,7 +777,7 @@ def sibling_pattern(index: Index, member: Member) -> tuple[str, int] | None:
     for position in [*indices, *others]:  # the outermost repetition first: blocks[*]
         pattern = _wildcard_path(keys, position)
         parsed = parse_pattern(pattern)
-        found = [_member(index, "", k) for k in index.nodes if matches(parsed, segments(k))]
+        found = [_member(index, "", k) for k in index.nodes if matches(parsed, k)]
         leaves = [i for m in found for i in m.leaves]
         if (
             len(found) >= 2
@@ -768,13 +843,13 @@ def plain_group_hint(
     return "To tie a list of blocks, use a plain group that selects each block."
 
 
-def stacked_hint(index: Index, parsed: Sequence[Segment]) -> str:
+def stacked_hint(index: Index, parsed: Sequence[PatternSegment]) -> str:
     """For a wildcard pattern that matches nothing: the stacked node it may have meant."""
-    plain = [s for s in parsed if s not in ("*", "**")]
+    plain = [s for s in parsed if s not in (Glob("*"), Glob("**"))]
     if len(plain) == len(parsed) or not plain:
         return ""
     for keys in index.nodes:
-        if not matches(plain, segments(keys)):
+        if not matches(plain, keys):
             continue
         path = format_path(keys)
         if index.leaves is None:
@@ -786,11 +861,7 @@ def stacked_hint(index: Index, parsed: Sequence[Segment]) -> str:
 
 def _wildcard_path(keys: KeyPath, position: int) -> str:
     """The path `keys` as a pattern, with the segment at `position` replaced by `*`."""
-    before, after = format_path(keys[:position]), format_path(keys[position + 1 :])
-    if before == "<root>":
-        text = "*"
-    else:
-        text = before + ("[*]" if isinstance(keys[position], jax.tree_util.SequenceKey) else ".*")
-    if after != "<root>":
-        text += after if after.startswith("[") else "." + after
-    return text
+    parts = [format_segment(key, i == 0) for i, key in enumerate(keys)]
+    sequence = isinstance(keys[position], jax.tree_util.SequenceKey)
+    parts[position] = "[*]" if sequence else "*" if position == 0 else ".*"
+    return "".join(parts)

@@ -4,6 +4,8 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
+import numpy as np
+
 
 Where: TypeAlias = Callable[[Any], Any]
 """An Equinox-style `where` function: given the model, returns a node or a list of nodes."""
@@ -76,9 +78,13 @@ def group(*members: Selector | Sequence[Selector], canonical: str | int | None =
         flat.extend(_as_selectors("tt.group", member))
     if not flat:
         raise ValueError("tt.group() needs at least one path pattern or `where` function.")
-    if canonical is not None and not isinstance(canonical, str | int):
-        raise TypeError(f"`canonical` must be a path or an int, got {type(canonical).__name__}.")
-    return Group(tuple(flat), canonical)
+    if canonical is not None and not (isinstance(canonical, str) or _is_index(canonical)):
+        raise TypeError(
+            f"tt.group: `canonical` must be a member's path or its int position, got "
+            f"{canonical!r} ({type(canonical).__name__}). A bool is not a position: write "
+            "`canonical=1` or `canonical='blocks[1].mlp'`."
+        )
+    return Group(tuple(flat), canonical if isinstance(canonical, str | None) else int(canonical))
 
 
 def view(source: Selector, target: Selector | Sequence[Selector], fn: Callable[[Any], Any]) -> View:
@@ -141,10 +147,12 @@ def stack(
     """
     if canonical is not None and not _is_index(canonical):
         raise TypeError(f"tt.stack: `canonical` must be an int slice index, got {canonical!r}.")
+    canonical = None if canonical is None else int(canonical)
     if slices is not None:
-        slices = tuple(slices)
+        slices = tuple(np.asarray(slices).tolist()) if _is_int_array(slices) else tuple(slices)
         if not all(_is_index(s) for s in slices):
             raise TypeError(f"tt.stack: `slices` must be ints, got {list(slices)}.")
+        slices = tuple(int(s) for s in slices)
         if len(slices) < 2:
             raise ValueError(f"tt.stack needs at least two slices to tie, got {list(slices)}.")
         # With negative indices membership depends on the axis length: checked at pack time.
@@ -156,7 +164,14 @@ def stack(
 
 
 def _is_index(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An int or a NumPy integer; a bool is not an index."""
+    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+
+
+def _is_int_array(x: Any) -> bool:
+    """A NumPy or JAX array of integers (e.g. `np.arange(2)`), not a list."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and np.issubdtype(dtype, np.integer) and np.ndim(x) == 1
 
 
 def _as_declaration(name: str, value: Any) -> Declaration:
