@@ -58,6 +58,30 @@ def test_eqx_deserialise_refuses_a_file_saved_under_another_layout(case, tmp_pat
         eqx.tree_deserialise_leaves(tmp_path / "p.eqx", skeleton)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_our_loader_names_the_groups_whose_layout_the_file_does_not_hold(case, tmp_path):
+    saved_under, loaded_under = CASES[case]
+    eqx.tree_serialise_leaves(tmp_path / "p.eqx", tt.pack(_params(), saved_under))
+    skeleton = tt.pack(_params(), loaded_under)
+    with pytest.raises(ValueError, match="was saved under another tie layout") as error:
+        tt.tree_deserialise_leaves(tmp_path / "p.eqx", skeleton)
+    message = str(error.value)
+    (group,) = loaded_under.groups
+    assert f"{group!r}" in message and "tt.pack(tt.unpack(params, saved_spec), spec)" in message
+
+
+def test_our_loader_loads_a_file_into_a_skeleton_of_its_own_spec(tmp_path, getkey):
+    spec = tt.TieSpec(ffn="tower.blocks[*].mlp", s=tt.stack("w"))
+    params = {"tower": Tower(3, key=getkey()), "w": jnp.ones((3, 2), jnp.bfloat16)}
+    packed = tt.pack(params, spec)
+    with open(tmp_path / "p.eqx", "wb") as f:
+        eqx.tree_serialise_leaves(f, packed)
+    skeleton = eqx.filter_eval_shape(lambda: tt.pack(params, spec))
+    with open(tmp_path / "p.eqx", "rb") as f:
+        loaded = tt.tree_deserialise_leaves(f, skeleton)
+    assert bool(eqx.tree_equal(loaded, packed))
+
+
 def _fill_in_order(saved, skeleton):
     """A loader that fills the skeleton's leaves in order without comparing shapes (what
     `eqx.tree_deserialise_leaves` does before its own shape check, or a hand-written loader)."""

@@ -136,7 +136,7 @@ def unpack(packed: PyTree, spec: TieSpec) -> PyTree:
 def _copy(x: Any) -> Any:
     """A copy of a concrete array, made by the runtime (no program is compiled for it)."""
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        return jax.device_put(x, x.sharding, may_alias=False)
+        return jax.device_put(x, may_alias=False)  # committed to a device if `x` was
     return x
 
 
@@ -154,7 +154,8 @@ def _take_rows(x: Any, kept: tuple[int, ...]) -> Any:
     in host memory (a view of the same buffer) and put back, as compiling a gather costs tens of
     milliseconds per shape; elsewhere (accelerators, sharded arrays, tracers) `jnp.take`."""
     if _on_one_cpu(x) and not leaf_type(x)[2]:  # a host copy would lose the weak type
-        return jax.device_put(np.asarray(x)[np.asarray(kept)], x.sharding)
+        rows = np.asarray(x)[np.asarray(kept)]
+        return jax.device_put(rows, x.sharding if x.committed else None)
     return jnp.take(x, np.asarray(kept, dtype=np.int32), axis=0)
 
 

@@ -100,9 +100,15 @@ def record_shape(fingerprint_hex: str, lead: int = 1) -> tuple[int, ...]:
     return (int(lead), 0, *(_MULTIPLE * (b + 1) for b in data))
 
 
+# NumPy and XLA refuse an array whose non-zero dimensions multiply (times 4 bytes) past 2^63:
+# with two fingerprint dimensions below 2^20, a lead up to 2^20 stays below that.
+_MAX_LEAD = 1 << 20
+
+
 def record_lead(buffer_shape: tuple[int, ...]) -> int:
-    """The leading axis a record shares with its buffer (1 for a scalar buffer)."""
-    return int(buffer_shape[0]) if buffer_shape else 1
+    """The leading axis a record shares with its buffer: 1 for a scalar buffer, and for a
+    leading axis over 2^20 (no ensemble is that large; the record's shape must stay valid)."""
+    return int(buffer_shape[0]) if buffer_shape and buffer_shape[0] <= _MAX_LEAD else 1
 
 
 def fingerprint_of_record(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -1,0 +1,109 @@
+"""`tree_deserialise_leaves`: Equinox's loader, with a message that names the tie groups when a
+checkpoint was saved under another spec than the skeleton's.
+
+Equinox refuses such a file itself (a layout record's shape on disk differs from the skeleton's)
+but can only say which leaf changed shape. The file is a sequence of `.npy` arrays, one per array
+leaf of the saved tree, so the layout records it holds can be read back from their headers (no
+data is read) and compared with the skeleton's groups.
+"""
+
+import os
+from collections.abc import Iterator
+from typing import IO, Any, TypeVar
+
+import equinox as eqx
+import jax
+import numpy as np
+
+from ._placeholders import StackedLeaf, TiedLeaf
+from ._record import RECORD_NDIM, fingerprint, fingerprint_of_record, format_layout, record_shape
+
+
+PyTree = TypeVar("PyTree")
+
+
+def tree_deserialise_leaves(path_or_file: str | os.PathLike | IO[bytes], like: PyTree) -> PyTree:
+    """Load packed params saved with `eqx.tree_serialise_leaves`, as
+    `eqx.tree_deserialise_leaves(path_or_file, like)` does.
+
+    **Arguments:**
+
+    - `path_or_file`: the file (a path, or a binary file object that can seek).
+    - `like`: a skeleton packed under the spec the file was saved with, e.g.
+      `tt.pack(Model(key), spec)` or its `eqx.filter_eval_shape`.
+
+    **Returns:**
+
+    The loaded packed params, the structure of `like`.
+
+    **Raises:**
+
+    `ValueError` naming each tie group of `like` whose layout the file does not hold, when the
+    file was saved under another spec (other members, canonical member, view or stacked slices),
+    with how to load and convert it. Any other failure is Equinox's own error.
+    """
+    try:
+        return eqx.tree_deserialise_leaves(path_or_file, like)
+    except (RuntimeError, ValueError) as error:
+        message = _layout_difference(path_or_file, like)
+        if message is None:
+            raise
+        raise ValueError(message) from error
+
+
+def _layout_difference(path_or_file: Any, like: Any) -> str | None:
+    """What differs between the file's layout records and `like`'s, or None if nothing does."""
+    expected = {}
+    for leaf in jax.tree.leaves(like, is_leaf=lambda x: isinstance(x, TiedLeaf | StackedLeaf)):
+        if isinstance(leaf, TiedLeaf | StackedLeaf) and leaf.record is not None and leaf.layout:
+            bits = fingerprint_of_record(record_shape(fingerprint(leaf.layout)))
+            expected[bits] = format_layout(leaf.layout)
+    try:
+        saved = {fingerprint_of_record(s) for s in _saved_shapes(path_or_file) if _is_record(s)}
+    except (OSError, ValueError):
+        return None  # not a file of .npy arrays: leave the message to Equinox
+    missing = [text for bits, text in expected.items() if bits not in saved]
+    if not missing:
+        return None
+    extra = len(saved - set(expected))
+    listed = "\n".join(f"  {text}" for text in missing)
+    name = path_or_file if isinstance(path_or_file, str | os.PathLike) else "the file"
+    return (
+        f"The checkpoint {name} was saved under another tie layout than `like` was packed "
+        f"under. The file holds no layout record for these groups of `like`:\n{listed}\n"
+        + (f"It holds {extra} layout record(s) that `like` does not make.\n" if extra else "")
+        + "Load it into a skeleton packed under the spec it was saved with, "
+        "`tt.tree_deserialise_leaves(path, tt.pack(model, saved_spec))`, then convert: "
+        "`tt.pack(tt.unpack(params, saved_spec), spec)`."
+    )
+
+
+def _is_record(shape: tuple[int, ...]) -> bool:
+    return len(shape) == RECORD_NDIM and shape[1] == 0 and all(d % 3840 == 0 for d in shape[2:])
+
+
+def _saved_shapes(path_or_file: Any) -> Iterator[tuple[int, ...]]:
+    """The shapes of the `.npy` arrays in a file written by `eqx.tree_serialise_leaves`."""
+    if isinstance(path_or_file, str | os.PathLike):
+        with open(path_or_file, "rb") as f:
+            yield from _npy_shapes(f)
+    else:
+        path_or_file.seek(0)
+        yield from _npy_shapes(path_or_file)
+
+
+def _npy_shapes(f: IO[bytes]) -> Iterator[tuple[int, ...]]:
+    readers = {(1, 0): np.lib.format.read_array_header_1_0}
+    readers[(2, 0)] = np.lib.format.read_array_header_2_0
+    while f.peek(1) if hasattr(f, "peek") else _not_at_end(f):
+        version = np.lib.format.read_magic(f)
+        shape, _, dtype = readers[version](f)
+        yield tuple(shape)
+        f.seek(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize, os.SEEK_CUR)
+
+
+def _not_at_end(f: IO[bytes]) -> bool:
+    here = f.tell()
+    more = bool(f.read(1))
+    f.seek(here)
+    return more
