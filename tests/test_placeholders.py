@@ -100,3 +100,35 @@ def test_constructor_arguments_are_normalised():
 def test_placeholders_are_frozen(placeholder):
     with pytest.raises(dataclasses.FrozenInstanceError):
         placeholder.layout = None  # type: ignore[misc]
+
+
+def _one_line_per_placeholder(text):
+    lines = [line for line in text.splitlines() if "Leaf(" in line]
+    return lines and all(line.rstrip(",").endswith(")") for line in lines)
+
+
+def test_a_printed_packed_model_its_gradients_and_adam_state_show_each_tied_leaf_on_one_line(
+    getkey,
+):
+    optax = pytest.importorskip("optax")
+    packed = tt.pack(Tower(3, key=getkey()), SPEC)
+    x = jnp.ones((2, 8))
+    grads = eqx.filter_grad(tt.tie(lambda m, x: jnp.sum(jax.vmap(m)(x)), SPEC))(packed, x)
+    state = optax.adam(1e-3).init(eqx.filter(packed, eqx.is_array))
+    for tree in (packed, grads, state):
+        text = eqx.tree_pformat(tree)
+        assert _one_line_per_placeholder(text), text
+        assert "layout" not in text and "record" not in text  # no member lists, no record shapes
+    line = next(s for s in eqx.tree_pformat(packed).splitlines() if "TiedLeaf" in s)
+    assert line.strip() == (
+        "weight=TiedLeaf(f32[16,8], group='ffn', reads blocks[0].mlp.layers[0].weight),"
+    )
+
+
+def test_resizing_a_tied_buffer_in_packed_params_names_the_unpack_edit_repack_route():
+    spec = tt.TieSpec(g=["a", "b"], v=tt.view("a", "c", jnp.transpose))
+    packed = tt.pack({"a": jnp.ones((3, 2)), "b": jnp.ones((3, 2)), "c": jnp.ones((2, 3))}, spec)
+    resized = {**packed, "a": jnp.ones((5, 2))}
+    with pytest.raises(ValueError, match="do not match the spec") as error:
+        tt.unpack(resized, spec)
+    assert "tt.unpack(packed, spec)`, edit `full` (every member), then `tt.pack" in str(error.value)

@@ -81,6 +81,11 @@ def _is_cast(packed: np.dtype, now: np.dtype) -> bool:
     return bool(jnp.issubdtype(packed, jnp.floating) and jnp.issubdtype(now, jnp.floating))
 
 
+_RESIZE = (
+    "If you resized a tied buffer (e.g. an embedding grown to a new vocabulary), resize the full "
+    "model instead and pack it again: `full = tt.unpack(packed, spec)`, edit `full` (every "
+    "member), then `tt.pack(full, spec)`."
+)
 _CAST_INSIDE = (
     "Casting packed params is supported between float dtypes only; for any other cast, cast "
     "inside the tied function (e.g. `jax.tree.map(lambda a: a.astype(dtype), model)` as its "
@@ -395,7 +400,7 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
                 if value.shape[axes:] != have[0] or (
                     value.dtype != have[1] and not _is_cast(value.dtype, have[1])
                 ):
-                    fix = _REPACK if value.shape[axes:] != have[0] else _CAST_INSIDE
+                    fix = f"{_REPACK} {_RESIZE}" if value.shape[axes:] != have[0] else _CAST_INSIDE
                     raise ValueError(
                         f"The packed params do not match the spec: {source} "
                         f"is {format_type(*have)} but was packed as "
@@ -470,7 +475,7 @@ def check_view_output(
         raise ValueError(
             f"The function of view {slot.group!r} applied to {plan.paths[slot.canonical]} gives "
             f"{format_type(*got)}, which does not fit {plan.paths[reader]} "
-            f"({format_type(*want)}). Fix the view function or the declaration."
+            f"({format_type(*want)}). Fix the view function or the declaration. {_RESIZE}"
         )
 
 
