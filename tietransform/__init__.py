@@ -20,6 +20,7 @@ from ._spec import (
     stack as stack,
     view as view,
 )
+from ._strategies import layer_blocks as layer_blocks, share_layers as share_layers
 from ._tie import tie as tie
 
 

@@ -1,0 +1,120 @@
+"""Sharing strategies (ALBERT, Relaxed Recursive Transformers, Mixture-of-Recursions) are the
+explicit tie groups they stand for, over a list of blocks and over a scanned stack."""
+
+import equinox as eqx
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tietransform as tt
+from tests.helpers import Stack, Tower, tower_loss
+from tietransform.testing import check_tied
+
+
+STRATEGIES = ["cycle", "sequence", "middle_cycle", "middle_sequence"]
+
+
+def _blocks_by_definition(strategy, layers, blocks):
+    """Each block's layers, from the papers' definitions (written independently of the library)."""
+    if strategy == "cycle":
+        return [[i for i in range(layers) if i % blocks == j] for j in range(blocks)]
+    if strategy == "sequence":
+        run = layers // blocks
+        return [list(range(j * run, (j + 1) * run)) for j in range(blocks)]
+    inner = _blocks_by_definition(strategy.removeprefix("middle_"), layers - 2, blocks)
+    return [[i + 1 for i in members] for members in inner]
+
+
+def test_the_four_strategies_map_eight_layers_onto_two_blocks():
+    assert tt.layer_blocks("cycle", layers=8, blocks=2) == (0, 1, 0, 1, 0, 1, 0, 1)
+    assert tt.layer_blocks("sequence", layers=8, blocks=2) == (0, 0, 0, 0, 1, 1, 1, 1)
+    assert tt.layer_blocks("middle_cycle", layers=8, blocks=2) == (None, 0, 1, 0, 1, 0, 1, None)
+    assert tt.layer_blocks("middle_sequence", layers=8, blocks=2) == (
+        None, 0, 0, 0, 1, 1, 1, None,
+    )  # fmt: skip
+
+
+@st.composite
+def _strategy_layers_blocks(draw):
+    strategy = draw(st.sampled_from(STRATEGIES))
+    shared = draw(st.integers(2, 9))
+    blocks = draw(st.sampled_from([k for k in range(1, shared + 1) if shared % k == 0]))
+    layers = shared + 2 if strategy.startswith("middle_") else shared
+    return strategy, layers, blocks
+
+
+@hypothesis.given(_strategy_layers_blocks(), st.booleans())
+def test_a_strategy_packs_exactly_as_the_explicit_groups_it_stands_for(case, stacked):
+    strategy, layers, blocks = case
+    if stacked:
+        params = {"w": jnp.arange(layers * 2.0).reshape(layers, 2)}
+        shared = tt.share_layers("w", strategy, layers=layers, blocks=blocks, stacked=True)
+        explicit = {
+            f"g{j}": tt.stack("w", members)
+            for j, members in enumerate(_blocks_by_definition(strategy, layers, blocks))
+            if len(members) > 1
+        }
+    else:
+        params = {"l": [jnp.full(2, float(i)) for i in range(layers)]}
+        shared = tt.share_layers("l[*]", strategy, layers=layers, blocks=blocks)
+        explicit = {
+            f"g{j}": tt.group(*(f"l[{i}]" for i in members))
+            for j, members in enumerate(_blocks_by_definition(strategy, layers, blocks))
+            if len(members) > 1
+        }
+    by_strategy = tt.unpack(tt.pack(params, tt.TieSpec(shared)), tt.TieSpec(shared))
+    by_hand = tt.unpack(tt.pack(params, tt.TieSpec(explicit)), tt.TieSpec(explicit))
+    assert bool(eqx.tree_equal(by_strategy, by_hand))
+
+
+def test_a_cycled_stack_scanned_with_lax_scan_matches_the_untied_model_and_keeps_k_rows(getkey):
+    layers, blocks, d = 6, 2, 4
+    spec = tt.TieSpec(
+        tt.share_layers("weight", "cycle", layers=layers, blocks=blocks, stacked=True)
+    )
+    model = Stack(jax.random.normal(getkey(), (layers, d, d)) / 2)
+    x = jax.random.normal(getkey(), (3, d))
+
+    def loss(m, x):
+        return jnp.sum(jax.vmap(m)(x) ** 2)
+
+    check_tied(loss, spec, model, x)
+    packed = tt.pack(model, spec)
+    assert packed.weight.data.shape == (blocks, d, d)
+    # Inside the scan each layer reads its block's row: no (layers, d, d) array is built.
+    jaxpr = jax.make_jaxpr(tt.tie(loss, spec))(packed, x)
+    shapes = [v.aval.shape for e in jaxpr.jaxpr.eqns for v in e.outvars]
+    assert (layers, d, d) not in shapes
+
+
+@pytest.mark.parametrize("init", ["lower", "upper"])
+def test_a_shared_list_of_blocks_ties_and_keeps_the_lower_or_upper_member(init, getkey):
+    tower = Tower(4, key=getkey())
+    spec = tt.TieSpec(tt.share_layers("blocks[*].mlp", "sequence", layers=4, blocks=2, init=init))
+    check_tied(tower_loss, spec, tower, jax.random.normal(getkey(), (2, 8)))
+    full = tt.unpack(tt.pack(tower, spec), spec)
+    kept = 0 if init == "lower" else 1
+    weight = full.blocks[0].mlp.layers[0].weight
+    np.testing.assert_array_equal(weight, tower.blocks[kept].mlp.layers[0].weight)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "layers", "blocks", "match"),
+    [
+        ("sequence", 6, 4, "divide into 4 equal runs"),
+        ("cycle", 3, 4, "need 1 <= blocks <= 3"),
+        ("middle_cycle", 4, 3, "need 1 <= blocks <= 2"),
+        ("round_robin", 4, 2, "Unknown sharing strategy 'round_robin'"),
+    ],
+)
+def test_a_strategy_that_cannot_map_the_layers_says_why(strategy, layers, blocks, match):
+    with pytest.raises(ValueError, match=match):
+        tt.layer_blocks(strategy, layers=layers, blocks=blocks)
+
+
+def test_share_layers_over_a_list_needs_one_layer_wildcard():
+    with pytest.raises(ValueError, match="needs one `\\[\\*\\]` in the path"):
+        tt.share_layers("blocks", "cycle", layers=4, blocks=2)
