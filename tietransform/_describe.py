@@ -54,8 +54,9 @@ def describe(params: Any, spec: TieSpec) -> str:
         from ._pack import pack
 
         params = pack(params, spec, copy=False)
-    keypaths, leaves, treedef = flatten(params)
-    plan = plan_for(spec, keypaths, treedef, leaves)
+    flat = flatten(params)
+    keypaths, leaves, treedef = flat
+    plan = plan_for(spec, flat)
     layout = packed_layout(plan, leaves)
     saved = {g.name: 0 for g in plan.groups}
     tied_leaves = {g.name: 0 for g in plan.groups}

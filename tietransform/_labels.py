@@ -51,8 +51,9 @@ def pack_labels(labels: Any, spec: TieSpec, params: PyTree) -> PyTree:
     `labels` does not have the full model's structure or a prefix of it.
     """
     packed = params if _is_packed(params) else pack(params, spec, copy=False)
-    keypaths, leaves, treedef = flatten(packed)
-    plan = plan_for(spec, keypaths, treedef)
+    flat = flatten(packed)
+    keypaths, leaves, treedef = flat
+    plan = plan_for(spec, flat)
     if callable(labels) and jax.tree_util.treedef_is_leaf(jax.tree.structure(labels)):
         labels = labels(unpack(packed, spec))  # a function (a Module is a tree of labels)
     full_labels = _broadcast(labels, treedef, [format_path(k) for k in keypaths])

@@ -60,8 +60,9 @@ def pack(
     model: a pattern that matches nothing, overlapping groups, members of different structure,
     shape, dtype or weak type, non-array members, a view whose output does not fit its member.
     """
-    keypaths, leaves, treedef = flatten(params)
-    plan = plan_for(spec, keypaths, treedef, leaves)
+    flat = flatten(params)
+    keypaths, leaves, treedef = flat
+    plan = plan_for(spec, flat)
     layout = full_layout(plan, leaves)
     if require_equal:
         _check_equal(plan, layout, leaves)
@@ -127,8 +128,9 @@ def unpack(packed: PyTree, spec: TieSpec) -> PyTree:
     it was packed under another layout (its layout records say so, e.g. a checkpoint saved under
     another spec), or if it was restored without a target (its placeholders became dicts).
     """
-    keypaths, leaves, treedef = flatten(packed)
-    plan = plan_for(spec, keypaths, treedef, leaves)
+    flat = flatten(packed)
+    keypaths, leaves, treedef = flat
+    plan = plan_for(spec, flat)
     layout = packed_layout(plan, leaves)
     return jax.tree_util.tree_unflatten(treedef, full_leaves(plan, layout, leaves))
 

@@ -6,8 +6,10 @@ the same treedef (placeholders count as leaves), so they share one plan.
 
 The pipeline, one step per function:
 
-1. `Index`: the model's key paths, and for every node the flat indices of the leaves under it.
-2. `select`: a selector (path pattern or `where` function) to the `Member` nodes it picks.
+1. `Index` (in `_select`): the model's key paths, and for every node the flat indices of the
+   leaves under it.
+2. `_select`: a selector (path pattern or `where` function) to the `Member` nodes it picks
+   (`_select.select`), or an error whose hints come from `_hints`.
 3. One rule per declaration type, looked up once in `_RULES` (JAX's checkify style):
 
    | declaration | rule          | writes (claims)            | reads                        |
@@ -23,14 +25,13 @@ The pipeline, one step per function:
    sum over its plain members and every view's pullback, as JAX adds the cotangents of a value
    read in several places.
 
-Given the leaves too, `plan_for` also checks what needs their shapes (on every call, since one
-treedef can hold arrays of many shapes): each stacked member's arrays share a leading axis. Its
-hints look at the model: a suggested pattern is one that selects nodes of this model, and a
-one-member group whose arrays share a leading axis is pointed to `tt.stack`.
+`plan_for` takes what `flatten` returns (`Flat`) and also checks what needs the leaves' shapes
+(on every call, since one treedef can hold arrays of many shapes): each stacked member's arrays
+share a leading axis, and a view's member does not already have its source's shape. Hints look
+at the model (see `_hints`).
 """
 
 import dataclasses
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -40,35 +41,20 @@ import jax
 import numpy as np
 
 from ._errors import describe_leaf, format_type, leaf_type
-from ._paths import (
-    Glob,
-    Key,
-    KeyPath,
-    PatternSegment,
-    Segment,
-    Slice,
-    format_path,
-    format_segment,
-    matches,
-    nearest,
-    parse_pattern,
-    segments,
-    where_source,
-    writable,
-)
-from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder
+from ._hints import ORIENTATION, no_match, one_member_hint, plain_group_hint
+from ._paths import KeyPath, format_path, matches, parse_pattern
+from ._placeholders import is_placeholder
 from ._record import fn_name
+from ._select import (
+    Index,
+    Member,
+    full_shape,
+    full_type,
+    needs_lengths,
+    select,
+    sequence_lengths,
+)
 from ._spec import Declaration, Group, Selector, Stack, TieSpec, View
-
-
-@dataclasses.dataclass(frozen=True)
-class Member:
-    """One selected node: its path and the flat indices of the leaves under it, in order."""
-
-    path: str
-    keys: KeyPath
-    leaves: tuple[int, ...]
-    relative: tuple[tuple[Segment, ...], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,25 +101,6 @@ class Plan:
     stacks: tuple[StackSlot, ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class Index:
-    """The model as resolution sees it: structure, key paths, nodes, and (maybe) leaves."""
-
-    treedef: Any
-    keypaths: tuple[KeyPath, ...]
-    nodes: dict[KeyPath, tuple[int, ...]]  # every node's path -> the leaves under it, in order
-    leaves: Sequence[Any] | None
-
-    @classmethod
-    def of(cls, keypaths: Sequence[KeyPath], treedef: Any, leaves: Sequence[Any] | None) -> "Index":
-        keypaths = tuple(tuple(k) for k in keypaths)
-        nodes: dict[KeyPath, list[int]] = {}
-        for index, keys in enumerate(keypaths):
-            for depth in range(1, len(keys) + 1):
-                nodes.setdefault(keys[:depth], []).append(index)
-        return cls(treedef, keypaths, {k: tuple(v) for k, v in nodes.items()}, leaves)
-
-
 class Resolved(NamedTuple):
     """What one rule makes of one declaration."""
 
@@ -144,34 +111,41 @@ class Resolved(NamedTuple):
     reads: tuple[int, ...] = ()  # a view's source leaves: written by its own group or another
 
 
-def flatten(tree: Any) -> tuple[list[KeyPath], list[Any], Any]:
-    """Flattens with paths, treating placeholders as leaves: `(keypaths, leaves, treedef)`."""
+class Flat(NamedTuple):
+    """A pytree flattened with paths, placeholders counted as leaves (what `flatten` returns)."""
+
+    keypaths: list[KeyPath]
+    leaves: list[Any]
+    treedef: Any
+
+
+def flatten(tree: Any) -> Flat:
+    """Flattens with paths, treating placeholders as leaves: `Flat(keypaths, leaves, treedef)`."""
     with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_placeholder)
     keypaths = [tuple(path) for path, _ in with_paths]
-    return keypaths, [leaf for _, leaf in with_paths], treedef
+    return Flat(keypaths, [leaf for _, leaf in with_paths], treedef)
 
 
-def plan_for(
-    spec: TieSpec, keypaths: Sequence[KeyPath], treedef: Any, leaves: Sequence[Any] | None = None
-) -> Plan:
-    """The plan of `spec` on the structure `treedef` (cached on the spec).
+def plan_for(spec: TieSpec, flat: Flat) -> Plan:
+    """The plan of `spec` on the structure of `flat` (cached on the spec, by treedef).
 
-    With `leaves` (full or packed), stacked members are checked to be layer stacks, and errors
-    give hints that depend on the arrays' shapes.
+    Its leaves (full or packed) are checked on every call: stacked members must be layer stacks,
+    and a view's member must not already have its source's shape. Errors give hints that depend
+    on the arrays' shapes.
     """
     if not isinstance(spec, TieSpec):
         raise TypeError(f"Expected a tietransform.TieSpec, got {type(spec).__name__}.")
+    keypaths, leaves, treedef = flat
     plan = spec._plans.get(treedef)
     if plan is None:
-        plan = resolve(spec, Index.of(keypaths, treedef, leaves))
+        plan = _resolve_spec(spec, Index.of(keypaths, treedef, leaves))
         spec._plans[treedef] = plan
-    if leaves is not None:
-        _check_layer_stacks(spec, plan, keypaths, treedef, leaves)
-        _check_view_orientation(plan, treedef, leaves)
+    _check_layer_stacks(spec, plan, flat)
+    _check_view_orientation(plan, treedef, leaves)
     return plan
 
 
-def resolve(spec: TieSpec, index: Index) -> Plan:
+def _resolve_spec(spec: TieSpec, index: Index) -> Plan:
     """Applies each declaration's rule, then checks that no two groups write one leaf."""
     resolved = [_rule(decl)(index, name, decl) for name, decl in spec.groups.items()]
     _check_overlap(index, resolved)
@@ -220,7 +194,7 @@ _RULES[Group] = _group_rule
 
 def _view_rule(index: Index, name: str, decl: View) -> Resolved:
     """A view: each target reads `fn(source)`, leaf by leaf."""
-    sources = select(index, name, decl.source)
+    sources = _select(index, name, decl.source)
     if len(sources) != 1:
         raise ValueError(
             f"The source of view {name!r} must select exactly one node, got:\n"
@@ -244,7 +218,7 @@ _RULES[View] = _view_rule
 
 def _stack_rule(index: Index, name: str, decl: Stack) -> Resolved:
     """A stack: each selected leaf ties its own slices."""
-    members = select(index, name, decl.selector)
+    members = _select(index, name, decl.selector)
     _check_disjoint(name, members)
     stacks = tuple(
         StackSlot(name, leaf, decl.slices, decl.canonical)
@@ -256,6 +230,21 @@ def _stack_rule(index: Index, name: str, decl: Stack) -> Resolved:
 
 
 _RULES[Stack] = _stack_rule
+
+
+def _select(index: Index, name: str, selector: Selector) -> list[Member]:
+    """The nodes `selector` picks, in leaf order; raises if a pattern matches nothing."""
+    members = select(index, name, selector)
+    if not members:  # only a pattern selects nothing: a `where` function raises first
+        assert isinstance(selector, str)
+        raise ValueError(no_match(index, name, selector))
+    return members
+
+
+def _select_all(index: Index, name: str, selectors: Sequence[Selector]) -> list[Member]:
+    """The union of what `selectors` pick, each node once, in leaf order."""
+    found = {m.path: m for sel in selectors for m in _select(index, name, sel)}
+    return sorted(found.values(), key=lambda m: m.leaves[0])
 
 
 def _tie_slots(
@@ -349,177 +338,6 @@ def _compose(
     return composed
 
 
-# -- selecting nodes --------------------------------------------------------------------------
-def select(index: Index, name: str, selector: Selector) -> list[Member]:
-    """The nodes `selector` picks, in leaf order."""
-    keys = (
-        _select_pattern(index, name, selector)
-        if isinstance(selector, str)
-        else _select_where(index, name, selector)
-    )
-    members = [_member(index, name, k) for k in keys]
-    return sorted(members, key=lambda m: m.leaves[0])
-
-
-def _select_all(index: Index, name: str, selectors: Sequence[Selector]) -> list[Member]:
-    """The union of what `selectors` pick, each node once, in leaf order."""
-    found = {m.path: m for sel in selectors for m in select(index, name, sel)}
-    return sorted(found.values(), key=lambda m: m.leaves[0])
-
-
-def _select_pattern(index: Index, name: str, pattern: str) -> list[KeyPath]:
-    parsed = parse_pattern(pattern)
-    lengths = _sequence_lengths(index) if _needs_lengths(parsed) else None
-    found = [k for k in index.nodes if matches(parsed, k, lengths)]
-    if found:
-        return found
-    empty = [k for k in _empty_nodes(index) if matches(parsed, k, lengths)]
-    if empty:
-        raise ValueError(
-            f"Pattern {pattern!r} of tie group {name!r} matches only "
-            f"{', '.join(format_path(k) for k in empty[:3])}, which holds no leaves "
-            "(None or an empty container). Tie groups tie arrays: select nodes that hold them."
-        )
-    candidates = [format_path(k) for k in index.nodes]
-    if "*" in pattern:  # suggest patterns for patterns: blocks[3].mlp -> blocks[*].mlp
-        candidates = [re.sub(r"\[\d+\]", "[*]", c) for c in candidates]
-    hint = nearest(pattern.lstrip("."), candidates)
-    example = format_path(index.keypaths[0]) if index.keypaths else "blocks[0].mlp.weight"
-    raise ValueError(
-        f"Pattern {pattern!r} of tie group {name!r} matches nothing in the model."
-        + stacked_hint(index, parsed)
-        + (f" Nearest paths: {', '.join(hint)}." if hint else "")
-        + f" Paths look like {example!r}; `*` matches one segment, `**` many."
-        + _unwritable_hint(index)
-    )
-
-
-def _needs_lengths(parsed: Sequence[Any]) -> bool:
-    """Whether a pattern has segments (`[-1]`, `[1:]`) that need the lengths of sequences."""
-    return any(
-        isinstance(s, Slice) or (isinstance(s, Key) and type(s.value) is int and s.value < 0)
-        for s in parsed
-    )
-
-
-def _sequence_lengths(index: Index) -> Any:
-    """A function from a node's path to its length if it is a list or tuple (else None), counting
-    the elements that hold no leaves (`None`, empty containers) too."""
-    lengths: dict[KeyPath, int] = {}
-    for keys in [*index.nodes, *_empty_nodes(index)]:
-        for depth, key in enumerate(keys):
-            if isinstance(key, jax.tree_util.SequenceKey):
-                parent = keys[:depth]
-                lengths[parent] = max(lengths.get(parent, 0), key.idx + 1)
-    return lengths.get
-
-
-def _unwritable_hint(index: Index) -> str:
-    """For models with keys that no pattern spells (enum members, objects): `where` functions."""
-    odd = [k for k in index.nodes if k and not writable(k[-1])]
-    if not odd:
-        return ""
-    shown = "; ".join(f"{format_path(k)}: `{where_source(k)}`" for k in odd[:3])
-    return (
-        f" Some keys of this model cannot be written as a pattern; select them with a `where` "
-        f"function instead: {shown}{' ...' if len(odd) > 3 else ''}."
-    )
-
-
-class _Marker:
-    """Stands in for leaf `index` when a `where` function is given the model's structure."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: int):
-        self.index = index
-
-
-def _select_where(index: Index, name: str, where: Callable[[Any], Any]) -> list[KeyPath]:
-    markers = [_Marker(i) for i in range(len(index.keypaths))]
-    tree = jax.tree_util.tree_unflatten(index.treedef, markers)
-    try:
-        picked = where(tree)
-    except Exception as error:
-        raise ValueError(
-            f"The `where` function of tie group {name!r} failed on the model's structure "
-            f"({type(error).__name__}: {error}). It must only select nodes, e.g. "
-            "`lambda m: [b.mlp for b in m.blocks]`, not compute with them."
-        ) from error
-    if isinstance(picked, list | tuple) and not picked:
-        raise ValueError(
-            f"The `where` function of tie group {name!r} returned an empty "
-            f"{type(picked).__name__}, which selects no member. Return the nodes to tie, e.g. "
-            "`lambda m: [b.mlp for b in m.blocks]`; an empty field of the model holds no arrays "
-            "to tie."
-        )
-    picked = list(picked) if isinstance(picked, list | tuple) else [picked]
-    if any(obj is None for obj in picked):
-        raise ValueError(
-            f"The `where` function of tie group {name!r} returned None, which holds no array "
-            "(e.g. a Linear's bias with use_bias=False is None). Return nodes that hold arrays, "
-            "and leave the None fields out."
-        )
-    wanted = {id(x): x for obj in picked for x in (obj, _inner_mapping(obj)) if x is not None}
-    located: dict[int, KeyPath] = {}
-    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: id(x) in wanted)
-    for path, obj in with_paths:
-        if id(obj) in wanted:
-            located.setdefault(id(obj), tuple(path))
-    for obj in picked:  # by identity first, else the mapping a Flax NNX `State` branch wraps
-        inner = _inner_mapping(obj)
-        if id(obj) not in located and inner is not None and id(inner) in located:
-            located[id(obj)] = located[id(inner)]
-        if id(obj) in located:
-            continue
-        inside = _path_of(tree, obj)
-        if inside is not None:
-            raise ValueError(
-                f"The `where` function of tie group {name!r} returned "
-                f"{format_path(inside) or 'the whole model'} together with a node that "
-                "contains it. Members of a group must not overlap: return either the "
-                "subtrees or the leaves inside them."
-            )
-        raise ValueError(
-            f"The `where` function of tie group {name!r} returned {type(obj).__name__}, "
-            "which is not a node of the model. Return nodes of the model it is given, "
-            "e.g. `lambda m: [b.mlp for b in m.blocks]`."
-        )
-    return list(dict.fromkeys(located[id(obj)] for obj in picked))
-
-
-def _inner_mapping(obj: Any) -> Any:
-    """The dict a Flax NNX `State` wraps, else None. `state["blocks"]` builds a new `State`
-    around the pytree's inner dict on every read, so the `State` itself is never a node."""
-    inner = getattr(obj, "raw_mapping", None)
-    return inner if isinstance(inner, dict) else None
-
-
-def _empty_nodes(index: Index) -> list[KeyPath]:
-    """Paths of the model's `None` nodes and empty containers (they hold no leaves)."""
-    tree = jax.tree_util.tree_unflatten(index.treedef, [0] * len(index.keypaths))
-    with_paths, _ = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: x is None or (isinstance(x, list | tuple | dict) and not x)
-    )
-    return [tuple(path) for path, leaf in with_paths if leaf is None or leaf in ([], (), {})]
-
-
-def _member(index: Index, name: str, keys: KeyPath) -> Member:
-    leaves = index.nodes.get(keys, ())
-    if not keys:
-        raise ValueError(f"Tie group {name!r} selects the whole model; select its parts.")
-    if not leaves:
-        raise ValueError(f"Tie group {name!r} selects {format_path(keys)}, which holds no leaves.")
-    relative = tuple(segments(index.keypaths[i])[len(keys) :] for i in leaves)
-    return Member(format_path(keys), keys, leaves, relative)
-
-
-def _path_of(tree: Any, obj: Any) -> KeyPath | None:
-    """The path of `obj` in `tree` (compared by identity), or None if it is not a node of it."""
-    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is obj)
-    return next((tuple(path) for path, leaf in with_paths if leaf is obj), None)
-
-
 # -- checks within one group ------------------------------------------------------------------
 def _listing(paths: Any) -> str:
     """Paths one per line, indented, for error messages."""
@@ -569,7 +387,7 @@ def _pick_canonical(
             )
         return members[canonical]
     wanted = parse_pattern(canonical)
-    lengths = _sequence_lengths(index) if _needs_lengths(wanted) else None
+    lengths = sequence_lengths(index) if needs_lengths(wanted) else None
     found = [m for m in members if matches(wanted, m.keys, lengths)]
     if len(found) > 1:
         raise ValueError(
@@ -585,34 +403,14 @@ def _pick_canonical(
 
 
 # -- checks that need the leaves ---------------------------------------------------------------
-def full_shape(x: Any) -> tuple[int, ...] | None:
-    """The shape `x` has in the full model (placeholders included); `None` for non-arrays."""
-    if isinstance(x, StackedLeaf):
-        data = getattr(x.data, "shape", None)
-        return None if data is None else (len(x.rows), *tuple(data)[1:])
-    if isinstance(x, TiedLeaf):
-        return x.shape
-    return leaf_type(x)[0] if eqx.is_array(x) else None
-
-
-def _full_type(x: Any) -> str:
-    shape = full_shape(x)
-    if isinstance(x, StackedLeaf):
-        return format_type(shape or (), x.data.dtype)
-    if isinstance(x, TiedLeaf):
-        return format_type(x.shape, x.dtype)
-    return format_type(*leaf_type(x)[:2])
-
-
-def _check_layer_stacks(
-    spec: TieSpec, plan: Plan, keypaths: Sequence[KeyPath], treedef: Any, leaves: Sequence[Any]
-) -> None:
+def _check_layer_stacks(spec: TieSpec, plan: Plan, flat: Flat) -> None:
     """Every array of one stacked member must share its leading axis: the layer axis.
 
     Non-array leaves inside a stacked subtree (an MLP's activation, a Dropout's `p`) are left
     alone, as in plain groups; a member that is itself a non-array leaf, or that holds no array,
     is refused.
     """
+    leaves = flat.leaves
     for group in plan.groups:
         if group.kind != "stack":
             continue
@@ -624,7 +422,7 @@ def _check_layer_stacks(
             if empty:
                 raise ValueError(
                     f"tt.stack group {group.name!r} selects {plan.paths[empty[0]]} "
-                    f"({_full_type(leaves[empty[0]])}), whose leading axis has length 0: it "
+                    f"({full_type(leaves[empty[0]])}), whose leading axis has length 0: it "
                     "stacks no layer, so there is no slice to keep. Stack at least one layer, "
                     "or leave this array out of the declaration."
                 )
@@ -632,12 +430,12 @@ def _check_layer_stacks(
             if len(lengths) <= 1:
                 continue
             listing = "\n".join(
-                f"  {plan.paths[i]}  {_full_type(leaves[i])}"
+                f"  {plan.paths[i]}  {full_type(leaves[i])}"
                 for i in member.leaves
                 if shapes[i] is not None
             )
             decl = spec.groups[group.name]
-            index = Index.of(keypaths, treedef, leaves)
+            index = Index.of(flat.keypaths, flat.treedef, flat.leaves)
             hint = plain_group_hint(
                 index, group.name, getattr(decl, "selector", None), group.members
             )
@@ -665,15 +463,6 @@ def _refuse_unstacked(name: str, member: Member, leaves: Sequence[Any]) -> None:
     )
 
 
-_ORIENTATION = (
-    "Orientation by library: Equinox stores `Linear(in, out).weight` as (out, in) and "
-    "`Embedding.weight` as (vocab, dim), so a tied head `Linear(dim, vocab)` has the "
-    "embedding's own shape and orientation: a plain group. Flax stores a `Dense`/`nnx.Linear` "
-    "kernel as (in, out) and `Embed.embedding` as (vocab, dim), so a tied head's kernel is the "
-    "transpose: `tt.view(embedding, kernel, jnp.transpose)`."
-)
-
-
 def _check_view_orientation(plan: Plan, treedef: Any, leaves: Sequence[Any]) -> None:
     """A view member that already has its source's shape: a transform that changes the shape is
     refused, naming the plain group; a square transpose between an Equinox `Embedding` and
@@ -697,7 +486,7 @@ def _check_view_orientation(plan: Plan, treedef: Any, leaves: Sequence[Any]) -> 
                 f"to {format_type(out.shape, out.dtype)} with {fn_name(slot.fn)}, but "
                 f"{', '.join(targets)} already {'has' if len(same) == 1 else 'have'} the source's "
                 "shape, so no transform is needed. Tie them with a plain group: "
-                f"TieSpec({slot.group}={[source, *targets]!r}). {_ORIENTATION}"
+                f"TieSpec({slot.group}={[source, *targets]!r}). {ORIENTATION}"
             )
         if len(shape) == 2 and _transposes(slot.fn, shape[0], dtype):
             _warn_equinox_transpose(slot, plan, treedef, leaves, same)
@@ -735,133 +524,7 @@ def _warn_equinox_transpose(
         f"{', '.join(heads)} (eqx.nn.Linear), and both are square, so nothing checks the "
         f"orientation. A tied LM head `Linear(dim, vocab)` reads the embedding untransposed: "
         f"TieSpec({slot.group}={[source, *heads]!r}). Keep the view only for a "
-        f"`Linear(vocab, dim)`. {_ORIENTATION}",
+        f"`Linear(vocab, dim)`. {ORIENTATION}",
         UserWarning,
         stacklevel=2,
     )
-
-
-# -- hints (each names a declaration that selects nodes of this model) ------------------------
-def layer_length(index: Index, member: Member) -> int | None:
-    """`L` if every array of `member` has the leading axis length `L >= 2` (known leaves)."""
-    if index.leaves is None:
-        return None
-    shapes = [full_shape(index.leaves[i]) for i in member.leaves]
-    lengths = {s[0] for s in shapes if s}
-    if len(lengths) != 1 or any(not s for s in shapes):
-        return None
-    (length,) = lengths
-    return length if length >= 2 else None
-
-
-def _alike(index: Index, a: Member, b: Member) -> bool:
-    """Same structure, and (when the leaves are known) the same shapes and dtypes."""
-    if a.relative != b.relative:
-        return False
-    if index.leaves is None:
-        return True
-    leaves = index.leaves
-    types = [
-        [_full_type(leaves[i]) if full_shape(leaves[i]) is not None else None for i in m.leaves]
-        for m in (a, b)
-    ]
-    return types[0] == types[1]
-
-
-def sibling_pattern(index: Index, member: Member) -> tuple[str, int] | None:
-    """A pattern that selects `member` and at least one more node of the same structure,
-    disjoint from it: one segment of its path made a wildcard (list indices first)."""
-    keys = member.keys
-    indices = [i for i, k in enumerate(keys) if isinstance(k, jax.tree_util.SequenceKey)]
-    others = [i for i in range(len(keys)) if i not in indices]
-    for position in [*indices, *others]:  # the outermost repetition first: blocks[*]
-        pattern = _wildcard_path(keys, position)
-        parsed = parse_pattern(pattern)
-        found = [_member(index, "", k) for k in index.nodes if matches(parsed, k)]
-        leaves = [i for m in found for i in m.leaves]
-        if (
-            len(found) >= 2
-            and all(_alike(index, m, member) for m in found)
-            and len(set(leaves)) == len(leaves)
-        ):
-            return pattern, len(found)
-    return None
-
-
-def twin(index: Index, member: Member) -> Member | None:
-    """Another node disjoint from `member` with the same structure, if the model has one."""
-    for keys, leaves in index.nodes.items():
-        if keys == member.keys or set(leaves) & set(member.leaves):
-            continue
-        other = _member(index, "", keys)
-        if _alike(index, other, member):
-            return other
-    return None
-
-
-def one_member_hint(index: Index, name: str, member: Member) -> str:
-    hints = []
-    sibling = sibling_pattern(index, member)
-    if sibling is not None:
-        hints.append(
-            f"TieSpec({name}={sibling[0]!r}) selects it and {sibling[1] - 1} more node(s) like it."
-        )
-    stack = f"TieSpec({name}=tt.stack({member.path!r}))"
-    length = layer_length(index, member)
-    if length is not None and (sibling is None or len(member.leaves) >= 2):
-        hints.append(
-            f"Its arrays share a leading axis of length {length}: if they are stacked layers "
-            f"`(L, ...)`, tie them with {stack}."
-        )
-    elif index.leaves is None and sibling is None:
-        hints.append(f"If its arrays are stacked layers `(L, ...)`, tie them with {stack}.")
-    if not hints:
-        other = twin(index, member)
-        hints.append(
-            f"Name the members, e.g. TieSpec({name}=[{member.path!r}, {other.path!r}])."
-            if other is not None
-            else "No other node of this model has its structure, shapes and dtypes."
-        )
-    return " ".join(hints)
-
-
-def plain_group_hint(
-    index: Index, name: str, selector: Selector | None, members: Sequence[Member]
-) -> str:
-    """For a stack that selected unstacked blocks: the plain group that ties the blocks."""
-    same = all(m.relative == members[0].relative for m in members)
-    if len(members) >= 2 and same and isinstance(selector, str):
-        return f"To tie a list of blocks, use a plain group: TieSpec({name}={selector!r})."
-    if len(members) >= 2 and same:
-        return (
-            "To tie a list of blocks, use a plain group with the same selector: "
-            f"TieSpec({name}=<selector>)."
-        )
-    sibling = sibling_pattern(index, members[0])
-    if sibling is not None:
-        return f"To tie a list of blocks, use a plain group: TieSpec({name}={sibling[0]!r})."
-    return "To tie a list of blocks, use a plain group that selects each block."
-
-
-def stacked_hint(index: Index, parsed: Sequence[PatternSegment]) -> str:
-    """For a wildcard pattern that matches nothing: the stacked node it may have meant."""
-    plain = [s for s in parsed if s not in (Glob("*"), Glob("**"))]
-    if len(plain) == len(parsed) or not plain:
-        return ""
-    for keys in index.nodes:
-        if not matches(plain, keys):
-            continue
-        path = format_path(keys)
-        if index.leaves is None:
-            return f" If {path} holds stacked layers `(L, ...)`, tie them with tt.stack({path!r})."
-        if layer_length(index, _member(index, "", keys)):
-            return f" {path} holds stacked layers `(L, ...)`: tie them with tt.stack({path!r})."
-    return ""
-
-
-def _wildcard_path(keys: KeyPath, position: int) -> str:
-    """The path `keys` as a pattern, with the segment at `position` replaced by `*`."""
-    parts = [format_segment(key, i == 0) for i, key in enumerate(keys)]
-    sequence = isinstance(keys[position], jax.tree_util.SequenceKey)
-    parts[position] = "[*]" if sequence else "*" if position == 0 else ".*"
-    return "".join(parts)

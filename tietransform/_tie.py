@@ -116,8 +116,9 @@ def _call(
     args: tuple,
     kwargs: dict,
 ) -> Any:
-    keypaths, leaves, treedef = flatten(packed)
-    plan = plan_for(spec, keypaths, treedef, leaves)
+    flat = flatten(packed)
+    keypaths, leaves, treedef = flat
+    plan = plan_for(spec, flat)
     if not any(is_placeholder(x) for x in leaves):
         raise ValueError(
             f"`{_name(fn)}` is tied and takes packed params, but it was given a full model (it "

@@ -99,8 +99,9 @@ def expected_packed_grads(packed: Any, spec: TieSpec, full_grads: Any) -> tuple[
     expected gradients (float64 NumPy), the sum of the summands' magnitudes (for normwise errors)
     and the number of summands.
     """
-    keypaths, leaves, treedef = flatten(packed)
-    plan = plan_for(spec, keypaths, treedef, leaves)
+    flat = flatten(packed)
+    keypaths, leaves, treedef = flat
+    plan = plan_for(spec, flat)
     layout = packed_layout(plan, leaves)
     _, grads, _ = flatten(full_grads)
     expected: list[Any] = list(leaves)
@@ -224,7 +225,7 @@ def check_tied(
         lambda a: fn(eqx.combine(a, full_static), *args, **kwargs), full_arrays
     )
     problems = [f"  value {p}" for p in tree_allclose(out, reference)]
-    paths = plan_for(spec, *flatten(packed)[::2]).paths
+    paths = plan_for(spec, flatten(packed)).paths
     for ct_key in jax.random.split(key, num_cotangents):
         ct = _random_cotangent(ct_key, reference)
         (got,) = tied_vjp(ct)
