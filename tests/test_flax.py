@@ -47,6 +47,19 @@ class NnxTower(nnx.Module):
         return x
 
 
+class NnxDropoutTower(nnx.Module):
+    """`NnxTower` with dropout after every block: the Flax page's recipe."""
+
+    def __init__(self, n: int, width: int, *, rngs: nnx.Rngs):
+        self.blocks = nnx.List([NnxBlock(width, rngs=rngs) for _ in range(n)])
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for block in self.blocks:
+            x = self.dropout(block(x))
+        return x
+
+
 class LinenMLP(nn.Module):
     width: int
 
@@ -240,3 +253,31 @@ def test_optax_steps_on_packed_linen_params_keep_one_buffer_per_group(linen_para
     first, last = full["blocks_0"]["mlp"]["Dense_0"], full[f"blocks_{N - 1}"]["mlp"]["Dense_0"]
     assert first["kernel"] is last["kernel"]
     np.testing.assert_array_equal(full["head"]["kernel"], full["embed"]["embedding"].T)
+
+
+def test_nnx_steps_that_return_rest_draw_new_dropout_masks_each_step():
+    graphdef, state, rest = nnx.split(
+        NnxDropoutTower(N, WIDTH, rngs=nnx.Rngs(params=0, dropout=1)), nnx.Param, ...
+    )
+    x, y, _ = _data()
+
+    @tt.tie(NNX_SPEC)
+    def loss(params, rest, x, y):  # as the Flax page writes it
+        model = nnx.merge(graphdef, params, rest)
+        value = jnp.mean((model(x) - y) ** 2)
+        return value, nnx.state(model, nnx.Not(nnx.Param))
+
+    optimizer = optax.sgd(0.0)  # the params stay put: losses can differ only by their masks
+
+    @jax.jit
+    def step(packed, opt_state, rest):
+        (value, rest), grads = jax.value_and_grad(loss, has_aux=True)(packed, rest, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, packed)
+        return optax.apply_updates(packed, updates), opt_state, rest, value
+
+    packed = tt.pack(state, NNX_SPEC)
+    packed, opt_state, advanced, first = step(packed, optimizer.init(packed), rest)
+    _, _, _, second = step(packed, opt_state, advanced)
+    _, _, _, replayed = step(packed, opt_state, rest)  # the first step's `rest` again
+    assert second != first
+    assert replayed == first  # so the masks changed with `rest`, not from step to step
