@@ -198,8 +198,11 @@ class TieSpec:
       [`tietransform.stack`][].
 
     A path pattern such as `"blocks[*].mlp"` selects every node whose path matches (`*` is one
-    segment, `**` any number of segments); a node that is a subtree ties all its array leaves,
-    member by member. A group's canonical value is its first member in path order unless the
+    segment, `**` any number of segments; `[-1]` and `[1:]` index and slice lists as Python does;
+    a quoted key such as `"['my key']"` is literal, globs apply to bare names only). Every path the
+    library prints reads back as a pattern. A node that is a subtree ties all its array leaves,
+    member by member; its non-array leaves (an activation function, a dropout rate) are left
+    alone. A group's canonical value is its first member in path order unless the
     declaration names another. `TieSpec()`, with no groups, ties nothing (e.g. the "no sharing"
     arm of an ablation over sharing strategies).
 
