@@ -46,6 +46,14 @@ CALL_PRIMITIVES: frozenset[Any] = frozenset(
 CHECKPOINT_PRIMITIVES: frozenset[Any] = frozenset({_primitives.remat_p})
 # Every primitive `call_jaxpr` reads: walkers that follow dependencies recurse into these.
 CALLS: frozenset[Any] = CALL_PRIMITIVES | CHECKPOINT_PRIMITIVES
+# Elementwise primitives (all exist in 0.10-0.12): the FFN matcher's activations, and what the
+# stacked-tie rewrite defers to each slice.
+ELEMENTWISE: frozenset[Any] = frozenset(
+    getattr(_primitives, f"{name}_p")
+    for name in """neg sin cos tan tanh logistic exp exp2 log log1p expm1 sqrt rsqrt cbrt abs sign
+    integer_pow pow mul add sub div max min erf erfc erf_inv square atan asin acos sinh cosh asinh
+    acosh atanh convert_element_type select_n lt gt le ge eq ne copy""".split()
+)
 
 
 def split_jaxpr(jaxpr: Any) -> tuple[Any, list[Any]]:

@@ -35,7 +35,8 @@ from jax.extend.core import primitives as _primitives
 
 from . import _compat
 from ._errors import StackMaterialisedWarning
-from ._ffn_routing import ELEMENTWISE, Routing, decide, find_ffn_sites, serve, tied_through_casts
+from ._ffn_match import find_ffn_sites, tied_through_casts
+from ._ffn_routing import Routing, decide, serve
 from ._layout import take_rows
 
 
@@ -111,7 +112,7 @@ def _recompute_slices(datas: Sequence[Any]) -> Callable[..., bool]:
             return tuple(avals[0].shape) not in data_shapes
         if primitive is _primitives.squeeze_p:
             return tuple(avals[0].shape) not in slice_shapes
-        if primitive in ELEMENTWISE and avals:
+        if primitive in _compat.ELEMENTWISE and avals:
             return tuple(avals[0].shape) not in read_shapes
         return True
 
@@ -163,7 +164,7 @@ def evaluate(
     )
     if not (sites or descend or any(_is_lazy(a) for a in args)):
         return [_compat.as_array(x) for x in _compat.eval_jaxpr(jaxpr, consts, *args)]
-    consumed = {i for site in sites.values() for i in site.consumed}
+    consumed = {i for site in sites.values() for i in site.equations}
     env: dict[Any, Any] = {}
 
     def read(atom: Any) -> Any:
@@ -173,7 +174,7 @@ def evaluate(
         env[var] = value
     for index, eqn in enumerate(jaxpr.eqns):
         if index in sites:
-            env[sites[index].out] = serve(
+            env[sites[index].down.out] = serve(
                 sites[index], lambda v: _materialised([read(v)])[0], decisions[index]
             )
             continue
@@ -203,7 +204,7 @@ def _needs_rule(
 def _rule(eqn: Any) -> Rule:
     if eqn.primitive in _rules:
         return _rules[eqn.primitive]
-    if eqn.primitive in ELEMENTWISE and not _compat.inner_jaxprs(eqn):
+    if eqn.primitive in _compat.ELEMENTWISE and not _compat.inner_jaxprs(eqn):
         return _elementwise_rule
     if eqn.primitive in SLICE_READS:
         return _slice_read_rule
