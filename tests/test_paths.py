@@ -223,3 +223,11 @@ def test_a_where_function_returning_none_is_refused():
 def test_a_where_function_returning_an_empty_tuple_is_refused():
     with pytest.raises(ValueError, match="The `where` function of tie group 'g' returned an emp"):
         tt.pack(holder(), tt.TieSpec(g=lambda m: m.empty))
+
+
+def test_a_pattern_that_indexes_into_an_array_points_to_tt_stack():
+    with pytest.raises(
+        ValueError, match=r"Pattern 'w\[1:\]' of tie group 'g' matches nothing"
+    ) as e:
+        tt.pack({"w": jnp.zeros((4, 2))}, tt.TieSpec(g="w[1:]"))
+    assert "w is an array" in str(e.value) and "tt.stack('w', slices=[...])" in str(e.value)

@@ -10,8 +10,10 @@ import jax
 
 from ._paths import (
     Glob,
+    Key,
     KeyPath,
     PatternSegment,
+    Slice,
     format_path,
     format_segment,
     matches,
@@ -62,11 +64,37 @@ def no_match(index: Index, name: str, pattern: str) -> str:
     example = format_path(index.keypaths[0]) if index.keypaths else "blocks[0].mlp.weight"
     return (
         f"Pattern {pattern!r} of tie group {name!r} matches nothing in the model."
+        + _slice_of_array_hint(index, parsed)
         + _stacked_hint(index, parsed)
         + (f" Nearest paths: {', '.join(hint)}." if hint else "")
         + f" Paths look like {example!r}; `*` matches one segment, `**` many."
         + _unwritable_hint(index)
     )
+
+
+def _slice_of_array_hint(index: Index, parsed: Sequence[PatternSegment]) -> str:
+    """For `w[1:]` or `w[0]` where `w` is an array: patterns select nodes, not array slices."""
+    end = len(parsed)
+    while end and (isinstance(parsed[end - 1], Slice) or _is_index(parsed[end - 1])):
+        end -= 1
+    if end in (0, len(parsed)):
+        return ""
+    found = [
+        k
+        for i, k in enumerate(index.keypaths)
+        if matches(parsed[:end], k) and (index.leaves is None or full_shape(index.leaves[i]))
+    ]
+    if not found:
+        return ""
+    path = format_path(found[0])
+    return (
+        f" {path} is an array, and a pattern selects nodes of the pytree, not slices of an "
+        f"array: to tie slices of a stacked array, use tt.stack({path!r}, slices=[...])."
+    )
+
+
+def _is_index(segment: PatternSegment) -> bool:
+    return isinstance(segment, Key) and type(segment.value) is int
 
 
 def _unwritable_hint(index: Index) -> str:
