@@ -323,3 +323,10 @@ def test_an_equinox_head_tied_by_a_plain_group_computes_the_hand_tied_logits(get
     logits = tt.tie(lambda m, t: m(t), spec)(tt.pack(model, spec), token)
     embedding = model.embed.weight
     np.testing.assert_allclose(logits, embedding @ embedding[token], rtol=1e-6)
+
+
+def test_a_structure_mismatch_names_the_differing_leaves_as_paths_below_each_member():
+    params = {"a": {"w": [jnp.ones(2)], "my key": jnp.ones(2)}, "c": {"w": [jnp.ones(2)]}}
+    with pytest.raises(ValueError, match="must have the same structure") as error:
+        tt.pack(params, tt.TieSpec(g=["a", "c"]))
+    assert "a and c differ: a alone has ['my key']." in str(error.value)

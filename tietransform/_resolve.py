@@ -183,7 +183,7 @@ def _group_rule(index: Index, name: str, decl: Group) -> Resolved:
     canonical = _pick_canonical(index, name, members, decl.canonical)
     readers = [m for m in members if m is not canonical]
     _check_disjoint(name, members)
-    _check_same_structure(name, [canonical, *readers])
+    _check_same_structure(index, name, [canonical, *readers])
     slots = _tie_slots(name, canonical, readers, None)
     writes = tuple(leaf for m in members for leaf in m.leaves)
     return Resolved(GroupPlan(name, "tie", tuple(members), canonical), slots, (), writes)
@@ -206,7 +206,7 @@ def _view_rule(index: Index, name: str, decl: View) -> Resolved:
         raise ValueError(f"View {name!r} maps {source.path} onto itself.")
     members = sorted([source, *targets], key=lambda m: m.leaves[0])
     _check_disjoint(name, members)
-    _check_same_structure(name, [source, *targets])
+    _check_same_structure(index, name, [source, *targets])
     slots = _tie_slots(name, source, targets, decl.fn)
     writes = tuple(leaf for m in targets for leaf in m.leaves)
     group = GroupPlan(name, "view", tuple(members), source)
@@ -353,25 +353,26 @@ def _check_disjoint(name: str, members: Sequence[Member]) -> None:
             )
 
 
-def _check_same_structure(name: str, members: Sequence[Member]) -> None:
+def _check_same_structure(index: Index, name: str, members: Sequence[Member]) -> None:
     first = members[0]
     for other in members[1:]:
         if other.relative == first.relative:
             continue
-        only_first = sorted(set(first.relative) - set(other.relative))
-        only_other = sorted(set(other.relative) - set(first.relative))
-        detail = (
+        below = [{_relative_path(index, m, i) for i in m.leaves} for m in (first, other)]
+        only_first, only_other = sorted(below[0] - below[1]), sorted(below[1] - below[0])
+        alone = ((first, only_first), (other, only_other))
+        detail = "; ".join(f"{m.path} alone has {', '.join(o)}" for m, o in alone if o) or (
             "leaves in a different order"
-            if not (only_first or only_other)
-            else (
-                f"only {first.path} has {['.'.join(s) for s in only_first]}, "
-                f"only {other.path} has {['.'.join(s) for s in only_other]}"
-            )
         )
         raise ValueError(
             f"Members of tie group {name!r} must have the same structure. "
             f"{first.path} and {other.path} differ: {detail}."
         )
+
+
+def _relative_path(index: Index, member: Member, leaf: int) -> str:
+    """The path of `leaf` below `member`, as a pattern relative to it (`layers[0].weight`)."""
+    return format_path(index.keypaths[leaf][len(member.keys) :])
 
 
 def _pick_canonical(
