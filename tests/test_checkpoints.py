@@ -211,6 +211,23 @@ def test_orbax_refuses_a_packed_target_of_another_layout(case, checkpointer, tmp
         checkpointer.restore(tmp_path / "ckpt", target)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_our_orbax_restore_names_the_groups_whose_layout_the_checkpoint_lacks(
+    case, checkpointer, tmp_path
+):
+    saved_under, loaded_under = CASES[case]
+    checkpointer.save(tmp_path / "ckpt", _saved(tt.pack(_params(), saved_under)))
+    checkpointer.wait_until_finished()
+    target = _saved(tt.pack(_params(), loaded_under))
+    with pytest.raises(ValueError, match="was saved under another tie layout") as error:
+        tt.orbax_restore(checkpointer, tmp_path / "ckpt", target)
+    (group,) = loaded_under.groups
+    assert f"{group!r}" in str(error.value)
+    same = _saved(tt.pack(_params(), saved_under))
+    restored = tt.orbax_restore(checkpointer, tmp_path / "ckpt", same)
+    assert bool(eqx.tree_equal(restored, same))
+
+
 def test_orbax_restore_without_a_target_is_refused_by_unpack_describe_and_tie(
     checkpointer, tmp_path
 ):

@@ -10,7 +10,10 @@ from ._grads import unpack_grads as unpack_grads
 from ._labels import pack_labels as pack_labels
 from ._pack import pack as pack, unpack as unpack
 from ._placeholders import StackedLeaf as StackedLeaf, TiedLeaf as TiedLeaf
-from ._serialise import tree_deserialise_leaves as tree_deserialise_leaves
+from ._serialise import (
+    orbax_restore as orbax_restore,
+    tree_deserialise_leaves as tree_deserialise_leaves,
+)
 from ._spec import (
     Group as Group,
     Stack as Stack,

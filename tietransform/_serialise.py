@@ -1,10 +1,11 @@
-"""`tree_deserialise_leaves`: Equinox's loader, with a message that names the tie groups when a
-checkpoint was saved under another spec than the skeleton's.
+"""Loaders that name the tie groups when a checkpoint was saved under another spec than the
+skeleton's: `tree_deserialise_leaves` (Equinox's) and `orbax_restore`.
 
 Equinox refuses such a file itself (a layout record's shape on disk differs from the skeleton's)
 but can only say which leaf changed shape. The file is a sequence of `.npy` arrays, one per array
 leaf of the saved tree, so the layout records it holds can be read back from their headers (no
-data is read) and compared with the skeleton's groups.
+data is read) and compared with the skeleton's groups. Orbax refuses a target of another layout
+by its tree structure; its metadata keeps every record's key, `layout_<fingerprint>`.
 """
 
 import os
@@ -51,11 +52,76 @@ def tree_deserialise_leaves(path_or_file: str | os.PathLike | IO[bytes], like: P
         raise ValueError(message) from error
 
 
+def orbax_restore(checkpointer: Any, directory: Any, target: PyTree) -> PyTree:
+    """`checkpointer.restore(directory, target)` for an orbax checkpointer, naming the tie groups
+    that differ when the checkpoint was saved under another spec than `target`'s.
+
+    **Arguments:**
+
+    - `checkpointer`: an orbax checkpointer, e.g. `orbax.checkpoint.StandardCheckpointer()`.
+    - `directory`: the checkpoint's directory.
+    - `target`: what to restore into, packed under the spec it was saved with (the non-empty
+      arrays, as the checkpoints guide saves them).
+
+    **Raises:**
+
+    `ValueError` naming each tie group of `target` whose layout key the checkpoint does not hold,
+    with how to load and convert it; any other failure is orbax's own error.
+    """
+    try:
+        return checkpointer.restore(directory, target)
+    except ValueError as error:
+        metadata = checkpointer.metadata(directory)
+        tree = getattr(metadata, "item_metadata", metadata)
+        saved = {
+            key.key
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_none)[0]
+            for key in path
+            if isinstance(getattr(key, "key", None), str) and key.key.startswith("layout_")
+        }
+        expected = {
+            f"layout_{leaf.fingerprint}": format_layout(leaf.layout)
+            for leaf in _placeholders(target)
+            if leaf.fingerprint is not None
+        }
+        missing = [text for key, text in expected.items() if key not in saved]
+        if not missing:
+            raise
+        message = _mismatch_message(directory, missing, len(saved - set(expected)), "orbax")
+        raise ValueError(message) from error
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _placeholders(tree: Any) -> list[Any]:
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, TiedLeaf | StackedLeaf))
+    return [x for x in leaves if isinstance(x, TiedLeaf | StackedLeaf)]
+
+
+def _mismatch_message(where: Any, missing: list[str], extra: int, loader: str) -> str:
+    listed = "\n".join(f"  {text}" for text in dict.fromkeys(missing))
+    load = (
+        "`tt.orbax_restore(checkpointer, path, target)` with `target` packed under `saved_spec`"
+        if loader == "orbax"
+        else "`tt.tree_deserialise_leaves(path, tt.pack(model, saved_spec))`"
+    )
+    what = "`target`" if loader == "orbax" else "`like`"
+    return (
+        f"The checkpoint {where} was saved under another tie layout than {what} was packed "
+        f"under. It holds no layout record for these groups of {what}:\n{listed}\n"
+        + (f"It holds {extra} layout record(s) that {what} does not make.\n" if extra else "")
+        + f"Load it under the spec it was saved with, {load}, then convert: "
+        "`tt.pack(tt.unpack(params, saved_spec), spec)`."
+    )
+
+
 def _layout_difference(path_or_file: Any, like: Any) -> str | None:
     """What differs between the file's layout records and `like`'s, or None if nothing does."""
     expected = {}
-    for leaf in jax.tree.leaves(like, is_leaf=lambda x: isinstance(x, TiedLeaf | StackedLeaf)):
-        if isinstance(leaf, TiedLeaf | StackedLeaf) and leaf.record is not None and leaf.layout:
+    for leaf in _placeholders(like):
+        if leaf.record is not None and leaf.layout:
             bits = fingerprint_of_record(record_shape(fingerprint(leaf.layout)))
             expected[bits] = format_layout(leaf.layout)
     try:
@@ -65,17 +131,8 @@ def _layout_difference(path_or_file: Any, like: Any) -> str | None:
     missing = [text for bits, text in expected.items() if bits not in saved]
     if not missing:
         return None
-    extra = len(saved - set(expected))
-    listed = "\n".join(f"  {text}" for text in missing)
     name = path_or_file if isinstance(path_or_file, str | os.PathLike) else "the file"
-    return (
-        f"The checkpoint {name} was saved under another tie layout than `like` was packed "
-        f"under. The file holds no layout record for these groups of `like`:\n{listed}\n"
-        + (f"It holds {extra} layout record(s) that `like` does not make.\n" if extra else "")
-        + "Load it into a skeleton packed under the spec it was saved with, "
-        "`tt.tree_deserialise_leaves(path, tt.pack(model, saved_spec))`, then convert: "
-        "`tt.pack(tt.unpack(params, saved_spec), spec)`."
-    )
+    return _mismatch_message(name, missing, len(saved - set(expected)), "eqx")
 
 
 def _is_record(shape: tuple[int, ...]) -> bool:
