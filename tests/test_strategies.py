@@ -118,3 +118,55 @@ def test_a_strategy_that_cannot_map_the_layers_says_why(strategy, layers, blocks
 def test_share_layers_over_a_list_needs_one_layer_wildcard():
     with pytest.raises(ValueError, match="needs one `\\[\\*\\]` in the path"):
         tt.share_layers("blocks", "cycle", layers=4, blocks=2)
+
+
+# -- converting an untied model: init="average" ----------------------------------------------
+
+
+def test_an_averaged_group_stores_the_mean_of_its_members_at_the_canonical_place():
+    params = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([3.0, 6.0]), "c": jnp.array([5.0, 1.0])}
+    spec = tt.TieSpec(g=tt.group("a", "b", "c", canonical="b", init="average"))
+    packed = tt.pack(params, spec)
+    np.testing.assert_array_equal(packed["b"], [3.0, 3.0])
+    full = tt.unpack(packed, spec)
+    assert all(np.array_equal(full[k], [3.0, 3.0]) for k in "abc")
+    assert "(packed as the mean of the members)" in tt.describe(packed, spec)
+
+
+def test_an_averaged_stack_stores_the_mean_of_its_tied_slices_and_keeps_the_others():
+    w = jnp.arange(8.0).reshape(4, 2)
+    spec = tt.TieSpec(s=tt.stack("w", [0, 2, 3], init="average"))
+    packed = tt.pack({"w": w}, spec)
+    expected_mean = np.mean(np.asarray(w)[[0, 2, 3]], axis=0)
+    full = tt.unpack(packed, spec)["w"]
+    np.testing.assert_allclose(np.asarray(full)[[0, 2, 3]], np.broadcast_to(expected_mean, (3, 2)))
+    np.testing.assert_array_equal(full[1], w[1])
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["list", "stack"])
+def test_share_layers_with_average_init_packs_each_block_as_the_mean_of_its_layers(stacked):
+    layers, blocks = 6, 2
+    w = np.arange(layers * 3.0).reshape(layers, 3) ** 2
+    if stacked:
+        params, path = {"w": jnp.asarray(w)}, "w"
+    else:
+        params, path = {"l": [jnp.asarray(row) for row in w]}, "l[*]"
+    shared = tt.share_layers(
+        path, "cycle", layers=layers, blocks=blocks, stacked=stacked, init="average"
+    )
+    spec = tt.TieSpec(shared)
+    full = tt.unpack(tt.pack(params, spec), spec)
+    rows = np.asarray(full["w"]) if stacked else np.stack([np.asarray(r) for r in full["l"]])
+    for layer in range(layers):
+        np.testing.assert_allclose(rows[layer], w[layer % blocks :: blocks].mean(axis=0))
+
+
+def test_averaging_integer_members_or_with_require_equal_is_refused():
+    ints = {"a": jnp.arange(2), "b": jnp.arange(2)}
+    with pytest.raises(ValueError, match="init='average' needs floating point members"):
+        tt.pack(ints, tt.TieSpec(g=tt.group("a", "b", init="average")))
+    floats = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    with pytest.raises(ValueError, match="require_equal=True checks"):
+        tt.pack(floats, tt.TieSpec(g=tt.group("a", "b", init="average")), require_equal=True)
+    with pytest.raises(ValueError, match="`init` must be one of"):
+        tt.group("a", "b", init="mean")

@@ -36,8 +36,9 @@ def describe(params: Any, spec: TieSpec) -> str:
     **Returns:**
 
     A multi-line string. For a `tt.stack` group, `members` counts the tied slices and
-    `canonical` names the slice whose value is kept (`slice 0 of blocks.mlp`). A spec without
-    groups gives one line saying that nothing is tied. E.g.
+    `canonical` names the slice whose value is kept (`slice 0 of blocks.mlp`). A group declared
+    with `init="average"` says that its buffer was packed as the mean of its members. A spec
+    without groups gives one line saying that nothing is tied. E.g.
 
     ```
     group  kind  members  leaves/member  canonical      saved
@@ -115,6 +116,8 @@ def describe(params: Any, spec: TieSpec) -> str:
                 lines.append(f"  {g.name}: slices {', '.join(per)}")
         else:
             lines.append(f"  {g.name}: {', '.join(shown)}{_chain_note(plan, layout, g)}")
+        if getattr(spec.groups.get(g.name), "init", None) == "average":
+            lines[-1] += " (packed as the mean of the members)"
     unpacked = packed_bytes + total_saved
     fraction = total_saved / unpacked if unpacked else 0.0
     lines.append(

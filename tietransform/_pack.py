@@ -43,6 +43,10 @@ def pack(
     - `copy`: copy the kept arrays, so that donating the packed pytree cannot delete buffers the
       original model still holds. Pass `False` to share buffers and save memory.
 
+    A group declared with `init="average"` stores the elementwise mean of its members (its
+    slices, for a stack) at the canonical member's place, as when a pretrained untied model is
+    converted into a shared one; the others store the canonical member's value.
+
     **Returns:**
 
     A pytree of the same type. Each group's canonical leaves keep their values; every other member
@@ -64,9 +68,20 @@ def pack(
     keypaths, leaves, treedef = flat
     plan = plan_for(spec, flat)
     layout = full_layout(plan, leaves)
+    averaged = {n for n, d in spec.groups.items() if getattr(d, "init", None) == "average"}
+    if require_equal and averaged:
+        raise ValueError(
+            f"tt.pack: require_equal=True checks that members already hold their group's value, "
+            f"but groups {sorted(averaged)} are declared with init='average', which stores the "
+            "members' mean. Drop one of the two."
+        )
     if require_equal:
         _check_equal(plan, layout, leaves)
     out = [_copy(x) if copy else x for x in leaves]
+    for slot in layout.slots:
+        if slot.group in averaged:
+            members = [slot.canonical, *slot.readers]
+            out[slot.canonical] = _mean(plan, [leaves[i] for i in members], members)
     layouts = tie_layouts(plan)
     holders = record_holders(layout.slots)
     for slot in layout.slots:
@@ -94,6 +109,12 @@ def pack(
                 "model before sharding that axis and shard the StackedLeaf's data afterwards, or "
                 f"replicate the stacked axis. ({type(error).__name__}: {error})"
             ) from error
+        for name in stack.groups:
+            if name in averaged:
+                tied = stack.slices[name]
+                row = stack.rows[tied[0]]
+                rows = [leaves[leaf][i] for i in tied]
+                data = data.at[row].set(_mean(plan, rows, [leaf] * len(tied)))
         recorded = stack_record_layout(stack)
         out[leaf] = StackedLeaf(
             data,
@@ -159,6 +180,20 @@ def _take_rows(x: Any, kept: tuple[int, ...]) -> Any:
         rows = np.asarray(x)[np.asarray(kept)]
         return jax.device_put(rows, x.sharding if x.committed else None)
     return jnp.take(x, np.asarray(kept, dtype=np.int32), axis=0)
+
+
+def _mean(plan: Plan, xs: list[Any], indices: list[int]) -> Any:
+    """The elementwise mean of the members `xs` (at leaves `indices`), accumulated in at least
+    float32 and returned in their dtype."""
+    dtype = leaf_type(xs[0])[1]
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"init='average' needs floating point members, but {plan.paths[indices[0]]} is "
+            f"{describe_leaf(xs[0])}. Use init='canonical' for this group."
+        )
+    accumulate = jnp.promote_types(dtype, jnp.float32)
+    total = sum(jnp.asarray(x, accumulate) for x in xs)
+    return (total / len(xs)).astype(dtype)
 
 
 def _concrete(x: Any, path: str) -> np.ndarray:

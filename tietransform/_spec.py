@@ -2,7 +2,7 @@
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
 import numpy as np
 
@@ -22,6 +22,7 @@ class Group:
 
     members: tuple[Selector, ...]
     canonical: str | int | None = None
+    init: "Init" = "canonical"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +41,22 @@ class Stack:
     selector: Selector
     slices: tuple[int, ...] | None
     canonical: int | None = None
+    init: "Init" = "canonical"
 
 
 Declaration: TypeAlias = Group | View | Stack
+
+Init: TypeAlias = Literal["canonical", "average"]
+"""How `pack` fills a group's buffer from an untied model: with its canonical member's value, or
+with the elementwise mean of its members' values (converting a pretrained untied model)."""
+
+
+def _check_init(what: str, init: Any) -> None:
+    if init not in get_args(Init):
+        raise ValueError(
+            f"{what}: `init` must be one of {list(get_args(Init))}, got {init!r}: 'canonical' "
+            "keeps the canonical member's value, 'average' the mean of the members' values."
+        )
 
 
 def _as_selectors(what: str, value: Any) -> tuple[Selector, ...]:
@@ -58,7 +72,11 @@ def _as_selectors(what: str, value: Any) -> tuple[Selector, ...]:
     return items
 
 
-def group(*members: Selector | Sequence[Selector], canonical: str | int | None = None) -> Group:
+def group(
+    *members: Selector | Sequence[Selector],
+    canonical: str | int | None = None,
+    init: Init = "canonical",
+) -> Group:
     """Declare a tie group explicitly, optionally choosing its canonical member.
 
     **Arguments:**
@@ -68,6 +86,10 @@ def group(*members: Selector | Sequence[Selector], canonical: str | int | None =
       a subtree is tied leaf by leaf.
     - `canonical`: the member whose value the group keeps, as its path (`"blocks[2].mlp"`) or its
       position in path order. Defaults to the first member in path order.
+    - `init`: what `pack` stores in the group's buffer: the canonical member's value
+      (`"canonical"`) or the elementwise mean of the members' values (`"average"`, as when a
+      pretrained untied model is converted into a recursive one). The buffer lives at the
+      canonical member's place either way.
 
     **Returns:**
 
@@ -84,7 +106,9 @@ def group(*members: Selector | Sequence[Selector], canonical: str | int | None =
             f"{canonical!r} ({type(canonical).__name__}). A bool is not a position: write "
             "`canonical=1` or `canonical='blocks[1].mlp'`."
         )
-    return Group(tuple(flat), canonical if isinstance(canonical, str | None) else int(canonical))
+    _check_init("tt.group", init)
+    position = canonical if isinstance(canonical, str | None) else int(canonical)
+    return Group(tuple(flat), position, init)
 
 
 def view(source: Selector, target: Selector | Sequence[Selector], fn: Callable[[Any], Any]) -> View:
@@ -121,7 +145,11 @@ def view(source: Selector, target: Selector | Sequence[Selector], fn: Callable[[
 
 
 def stack(
-    selector: Selector, slices: Sequence[int] | None = None, *, canonical: int | None = None
+    selector: Selector,
+    slices: Sequence[int] | None = None,
+    *,
+    canonical: int | None = None,
+    init: Init = "canonical",
 ) -> Stack:
     """Tie slices of a stacked (scan-over-layers) array along its leading axis.
 
@@ -133,6 +161,8 @@ def stack(
       from the end). `None` (the default) ties all `L` slices: one layer's weights serve every
       iteration of the scan.
     - `canonical`: the slice whose value is kept; defaults to the first of `slices` in index order.
+    - `init`: what `pack` stores for the tied slices: the canonical slice (`"canonical"`) or
+      their elementwise mean (`"average"`).
 
     **Returns:**
 
@@ -159,8 +189,9 @@ def stack(
         all_non_negative = canonical is not None and canonical >= 0 and min(slices) >= 0
         if all_non_negative and canonical not in slices:
             raise ValueError(f"tt.stack: canonical slice {canonical} is not one of {list(slices)}.")
+    _check_init("tt.stack", init)
     (sel,) = _as_selectors("tt.stack", selector)[:1]
-    return Stack(sel, slices, canonical)
+    return Stack(sel, slices, canonical, init)
 
 
 def _is_index(x: Any) -> bool:

@@ -22,7 +22,7 @@ from ._spec import Group, Stack, group, stack
 
 
 Strategy = Literal["cycle", "sequence", "middle_cycle", "middle_sequence"]
-Init = Literal["lower", "upper"]
+Init = Literal["lower", "upper", "average"]
 
 
 def layer_blocks(strategy: Strategy, *, layers: int, blocks: int) -> tuple[int | None, ...]:
@@ -82,8 +82,9 @@ def share_layers(
       [`tietransform.layer_blocks`][]).
     - `layers`, `blocks`: `L` and `k`.
     - `stacked`: whether the layers are slices of stacked arrays.
-    - `init`: which member a block's buffer starts from when an untied model is packed: the
-      lowest layer that reads it (`"lower"`) or the highest (`"upper"`).
+    - `init`: what a block's buffer starts from when an untied model is packed: the lowest
+      layer that reads it (`"lower"`), the highest (`"upper"`), or the elementwise mean of the
+      layers it replaces (`"average"`; the buffer lives at the lowest layer's place).
     - `name`: block `j`'s group is named `f"{name}_{j}"`.
 
     **Returns:**
@@ -106,11 +107,12 @@ def share_layers(
         members = [i for i, b in enumerate(of_layer) if b == block]
         if len(members) < 2:
             continue
-        keep = members[0] if init == "lower" else members[-1]
+        keep = members[-1] if init == "upper" else members[0]
+        how = "average" if init == "average" else "canonical"
         if stacked:
-            declarations[f"{name}_{block}"] = stack(path, members, canonical=keep)
+            declarations[f"{name}_{block}"] = stack(path, members, canonical=keep, init=how)
         else:
             paths = [path.replace("[*]", f"[{i}]") for i in members]
             canonical = path.replace("[*]", f"[{keep}]")
-            declarations[f"{name}_{block}"] = group(*paths, canonical=canonical)
+            declarations[f"{name}_{block}"] = group(*paths, canonical=canonical, init=how)
     return declarations
