@@ -3,6 +3,8 @@ constructor, then `lax.scan` over `eqx.partition`ed params): the stacked array l
 the modules' non-array leaves (an MLP's activations, a Dropout's float `p` and bool flag) pass
 through unchanged, as in plain groups, and values and gradients equal the untied reference."""
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -53,6 +55,7 @@ def attention(key):
 MODULES = {"MLP": mlp, "MLP, final activation": mlp_with_final_activation, "attention": attention}
 
 
+@functools.cache  # modules are immutable: build each stack once per session
 def stacked(make) -> Scanned:
     return Scanned(eqx.filter_vmap(make)(jax.random.split(jax.random.key(0), LAYERS)))
 
@@ -89,8 +92,8 @@ def test_a_stack_over_a_vmapped_stock_module_keeps_one_slice_per_array(make):
 def test_scan_over_a_tied_stock_stack_gives_the_untied_value(make):
     packed = tt.pack(stacked(make), SPEC)
     x, key = inputs()
-    tied = tt.tie(loss, SPEC)(packed, x, key)
-    untied = loss(tt.unpack(packed, SPEC), x, key)
+    tied = eqx.filter_jit(tt.tie(loss, SPEC))(packed, x, key)
+    untied = eqx.filter_jit(loss)(tt.unpack(packed, SPEC), x, key)
     assert_trees_close(tied, untied, summands=LAYERS)
 
 
@@ -98,8 +101,8 @@ def test_scan_over_a_tied_stock_stack_gives_the_untied_value(make):
 def test_scan_over_a_tied_stock_stack_gives_each_slice_buffer_the_sum_of_layer_grads(make):
     packed = tt.pack(stacked(make), SPEC)
     x, key = inputs()
-    tied = eqx.filter_grad(tt.tie(loss, SPEC))(packed, x, key)
-    untied = eqx.filter_grad(loss)(tt.unpack(packed, SPEC), x, key)
+    tied = eqx.filter_jit(eqx.filter_grad(tt.tie(loss, SPEC)))(packed, x, key)
+    untied = eqx.filter_jit(eqx.filter_grad(loss))(tt.unpack(packed, SPEC), x, key)
     is_stacked = lambda g: isinstance(g, tt.StackedLeaf)  # noqa: E731
     got = [g.data for g in jax.tree.leaves(tied, is_leaf=is_stacked) if is_stacked(g)]
     # Every slice reads the one kept row, so its gradient is the sum over the layers.
