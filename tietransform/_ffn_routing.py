@@ -13,13 +13,14 @@ import contextlib
 import contextvars
 import dataclasses
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import primitives as _primitives
 
-from . import _compat
+from . import _compat, _interpret
 from ._errors import warn_once
 from ._ffn_match import KNOWN_CUSTOM_ACTIVATIONS, FFNSite, Linear
 
@@ -165,6 +166,21 @@ def decide(site: FFNSite, routing: Routing) -> RoutedFFN:
     return decision
 
 
+def _known_activation(eqn: Any, invals: list[Any], context: Any) -> list[Any]:
+    """A `custom_jvp` activation of `jax.nn` (`_ffn_match.KNOWN_CUSTOM_ACTIVATIONS`)."""
+    return [KNOWN_CUSTOM_ACTIVATIONS[_compat.jax_nn_custom_jvp_name(eqn) or ""](*invals)]
+
+
+_ACTIVATION_RULES = _interpret.Rules(
+    {_primitives.custom_jvp_call_p: _known_activation},
+    default=_interpret.bind_plain,
+    inline_calls=True,
+)
+"""A site's activation, evaluated in the kernel's body: its equations are elementwise (or calls
+of such, or known activations), bound without the context of the trace they came from, which
+may hold a mesh the kernel's per-shard body refuses."""
+
+
 def serve(site: FFNSite, read: Callable[[Any], Any], decision: RoutedFFN) -> Any:
     """Computes the site's output with `kernels.ffn` or `kernels.gated_ffn`."""
     from .kernels import ffn, gated_ffn
@@ -173,7 +189,7 @@ def serve(site: FFNSite, read: Callable[[Any], Any], decision: RoutedFFN) -> Any
 
     def activation(z: jax.Array) -> jax.Array:
         env = {act.input: z.astype(act.input.aval.dtype)}
-        _eval_elementwise(act.equations, env)
+        _interpret.run(act.equations, env, _ACTIVATION_RULES)
         return env[act.output].astype(z.dtype)
 
     def weight(linear: Linear) -> jax.Array:
@@ -207,22 +223,3 @@ def serve(site: FFNSite, read: Callable[[Any], Any], decision: RoutedFFN) -> Any
         activation=activation,
         implementation=implementation,
     )
-
-
-def _eval_elementwise(eqns: Sequence[Any], env: dict[Any, Any]) -> None:
-    """Evaluates a site's activation equations (elementwise, by `_ffn_match.is_elementwise`)."""
-    for eqn in eqns:
-        invals = [v.val if _compat.is_literal(v) else env[v] for v in eqn.invars]
-        if eqn.primitive in _compat.ELEMENTWISE:
-            outs = _compat.bind_elementwise(eqn, invals)
-        elif eqn.primitive in _compat.CALL_PRIMITIVES:
-            inner, consts = _compat.call_jaxpr(eqn)
-            inner_env = dict(
-                zip([*inner.constvars, *inner.invars], [*consts, *invals], strict=True)
-            )
-            _eval_elementwise(inner.eqns, inner_env)
-            outs = [v.val if _compat.is_literal(v) else inner_env[v] for v in inner.outvars]
-        else:  # a known `jax.nn` activation
-            name = _compat.jax_nn_custom_jvp_name(eqn)
-            outs = [KNOWN_CUSTOM_ACTIVATIONS[name or ""](*invals)]
-        env.update(zip(eqn.outvars, outs, strict=True))

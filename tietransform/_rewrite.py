@@ -5,8 +5,9 @@ canonical buffer (or to `fn(canonical)` for a view) and the jaxpr is evaluated a
 gives exactly the program a hand-written "pass the MLP as an argument" model gives.
 
 Stacked ties are where a rewrite pays: the full stacked array is `data[rows]`, an `L`-fold copy if
-built. Its input variable is bound to a lazy `StackedRead`, and the interpreter below rewrites each
-equation that reads it. One rule per higher-order primitive, registered next to its definition:
+built. Its input variable is bound to a lazy `StackedRead`, and the evaluator (`_interpret`, with
+the rules below, keyed on primitive objects and looked up once per equation) rewrites each
+equation that reads it. One rule per primitive kind, registered next to its definition:
 
 | primitive            | what happens to a stacked read                                         |
 |----------------------|-------------------------------------------------------------------------|
@@ -26,17 +27,17 @@ whole stack builds it (and says so).
 import functools
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import primitives as _primitives
 
-from . import _compat
+from . import _compat, _interpret
 from ._errors import StackMaterialisedWarning
-from ._ffn_match import find_ffn_sites, tied_through_casts
-from ._ffn_routing import Routing, decide, serve
+from ._ffn_match import FFNSite, find_ffn_sites, tied_through_casts
+from ._ffn_routing import RoutedFFN, Routing, decide, serve
 from ._layout import take_rows
 
 
@@ -119,9 +120,18 @@ def _recompute_slices(datas: Sequence[Any]) -> Callable[..., bool]:
     return policy
 
 
-Rule = Callable[[Any, list[Any], list[bool], "Routing | None"], list[Any]]
-_rules: dict[Any, Rule] = {}
-"""Rules of the higher-order primitives, keyed on primitive objects; registered after each rule."""
+class _Context(NamedTuple):
+    """What the rules of one `evaluate` see: the tied variables, and where FFN sites go."""
+
+    tied: set[Any]
+    routing: Routing | None
+
+    def tied_inputs(self, eqn: Any, invals: Sequence[Any]) -> list[bool]:
+        """Which inputs of `eqn` are tied: stacked reads, and tied variables."""
+        return [
+            _is_lazy(x) or (not _compat.is_literal(v) and v in self.tied)
+            for v, x in zip(eqn.invars, invals, strict=True)
+        ]
 
 
 def _is_lazy(x: Any) -> bool:
@@ -144,71 +154,65 @@ def evaluate(
     - `args` may hold `StackedRead`s, which the rules rewrite.
     - `tied[i]` says whether `args[i]` is a tied parameter; with `routing`, FFNs on tied weights
       are served by `kernels.ffn` (see `_ffn_routing`), here and inside scan/jit/checkpoint.
+
+    Without either, nothing is rewritten: `jaxpr` is evaluated as traced.
     """
+    if routing is None and not any(_is_lazy(a) for a in args):
+        return _compat.eval_jaxpr(jaxpr, consts, *args)
     tied = [False] * len(args) if tied is None else list(tied)
-    tied = [t or _is_lazy(a) for t, a in zip(tied, args, strict=True)]
-    tied_vars = {v for v, t in zip(jaxpr.invars, tied, strict=True) if t}
-    sites: dict[int, Any] = {}
-    decisions: dict[int, Any] = {}
+    tied_vars = {v for v, t, a in zip(jaxpr.invars, tied, args, strict=True) if t or _is_lazy(a)}
+    sites: dict[int, FFNSite] = {}
+    decisions: dict[int, RoutedFFN] = {}
     if routing is not None:
         tied_vars = tied_through_casts(jaxpr, tied_vars)
         found = find_ffn_sites(jaxpr, tied_vars)
         decisions = {index: decide(site, routing) for index, site in found.items()}
         sites = {i: s for i, s in found.items() if decisions[i].implementation is not None}
-
-    def is_tied(atom: Any) -> bool:
-        return not _compat.is_literal(atom) and atom in tied_vars
-
-    descend = any(
-        _needs_rule(eqn, [is_tied(v) for v in eqn.invars], (), routing) for eqn in jaxpr.eqns
-    )
-    if not (sites or descend or any(_is_lazy(a) for a in args)):
-        return [_compat.as_array(x) for x in _compat.eval_jaxpr(jaxpr, consts, *args)]
+    context = _Context(tied_vars, routing)
+    env = dict(zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args], strict=True))
     consumed = {i for site in sites.values() for i in site.equations}
-    env: dict[Any, Any] = {}
 
-    def read(atom: Any) -> Any:
-        return atom.val if _compat.is_literal(atom) else env[atom]
+    def value(atom: Any) -> Any:
+        (x,) = _materialised([_interpret.read(env, atom)])
+        return x
 
-    for var, value in zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args], strict=True):
-        env[var] = value
-    for index, eqn in enumerate(jaxpr.eqns):
-        if index in sites:
-            env[sites[index].down.out] = serve(
-                sites[index], lambda v: _materialised([read(v)])[0], decisions[index]
-            )
-            continue
-        if index in consumed:
-            continue
-        invals = [read(v) for v in eqn.invars]
-        lazy_in = [_is_lazy(x) for x in invals]
-        tied_in = [lazy or is_tied(v) for v, lazy in zip(eqn.invars, lazy_in, strict=True)]
-        if _needs_rule(eqn, tied_in, lazy_in, routing):
-            outs = _rule(eqn)(eqn, invals, tied_in, routing)
-        else:
-            outs = _compat.bind_equation(eqn, invals)
-        for var, value in zip(eqn.outvars, outs, strict=True):
-            env[var] = value
-    return [_compat.as_array(x) for x in _materialised([read(v) for v in jaxpr.outvars])]
+    start = 0
+    for last, site in sorted(sites.items()):  # each site is served where its output is computed
+        eqns = [jaxpr.eqns[i] for i in range(start, last) if i not in consumed]
+        _interpret.run(eqns, env, _rules, context)
+        env[site.down.out] = serve(site, value, decisions[last])
+        start = last + 1
+    _interpret.run(jaxpr.eqns[start:], env, _rules, context)
+    return [value(v) for v in jaxpr.outvars]
 
 
-def _needs_rule(
-    eqn: Any, tied_in: Sequence[bool], lazy_in: Sequence[bool], routing: Routing | None
-) -> bool:
-    """Whether `eqn` goes through a rule (`_rule(eqn)`) rather than being bound as traced: it
-    reads a stacked read (`lazy_in`), or FFNs are routed and it is a primitive with a rule (scan,
-    jit, checkpoint, ...) reading a tied value (`tied_in`), as FFN sites may be inside it."""
-    return any(lazy_in) or (routing is not None and eqn.primitive in _rules and any(tied_in))
+def _default_rule(eqn: Any, invals: list[Any], context: _Context) -> list[Any]:
+    """Any other primitive: bound as traced, building any stack it reads (with a warning)."""
+    if any(_is_lazy(v) for v in invals):
+        _warn_materialised(eqn, invals)
+        invals = _materialised(invals)
+    return _compat.bind_equation(eqn, invals)
 
 
-def _rule(eqn: Any) -> Rule:
-    if eqn.primitive in _rules:
-        return _rules[eqn.primitive]
-    if eqn.primitive in _compat.ELEMENTWISE and not _compat.inner_jaxprs(eqn):
-        return _elementwise_rule
-    if eqn.primitive in SLICE_READS:
-        return _slice_read_rule
-    return _default_rule
+_rules = _interpret.Rules(default=_default_rule)
+"""The rewrite's rules, keyed on primitive objects; registered after each rule."""
+
+
+def _descending(
+    rule: Callable[[Any, list[Any], list[bool], Routing | None], list[Any]],
+) -> _interpret.Rule:
+    """A rule of a higher-order primitive, which runs when a stacked read goes in, or (with FFN
+    routing) a tied value, as FFN sites may be inside; otherwise the equation is bound as traced.
+    The rule gets which inputs are tied, and the routing."""
+
+    @functools.wraps(rule)
+    def apply(eqn: Any, invals: list[Any], context: _Context) -> list[Any]:
+        tied = context.tied_inputs(eqn, invals)
+        if any(_is_lazy(v) for v in invals) or (context.routing is not None and any(tied)):
+            return rule(eqn, invals, tied, context.routing)
+        return _compat.bind_equation(eqn, invals)
+
+    return apply
 
 
 SLICE_READS: frozenset[Any] = frozenset(
@@ -228,28 +232,20 @@ def _warn_materialised(eqn: Any, invals: Sequence[Any]) -> None:
     )
 
 
-def _default_rule(
-    eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None
-) -> list[Any]:
-    del tied, routing
-    _warn_materialised(eqn, invals)
+def _slice_read_rule(eqn: Any, invals: list[Any], context: _Context) -> list[Any]:
+    """A slice of a stack reads only what it keeps: a gather XLA fuses into the read."""
     return _compat.bind_equation(eqn, _materialised(invals))
 
 
-def _slice_read_rule(
-    eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None
-) -> list[Any]:
-    del tied, routing
-    return _compat.bind_equation(eqn, _materialised(invals))
+_rules.update(dict.fromkeys(SLICE_READS, _slice_read_rule))
 
 
-def _elementwise_rule(
-    eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None
-) -> list[Any]:
+def _elementwise_rule(eqn: Any, invals: list[Any], context: _Context) -> list[Any]:
     """An elementwise primitive of one stacked read (and scalars) stays stacked: it is deferred
     to each slice as it is read, `op(data[rows[i]])`. Anything else builds the stack."""
-    del tied, routing
     lazy = [i for i, v in enumerate(invals) if _is_lazy(v)]
+    if not lazy:
+        return _compat.bind_equation(eqn, invals)
     others_scalar = all(_is_lazy(v) or jnp.ndim(v) == 0 for v in invals)
     if len(lazy) != 1 or not others_scalar or eqn.primitive.multiple_results:
         _warn_materialised(eqn, invals)
@@ -270,6 +266,9 @@ def _elementwise_rule(
     ]
 
 
+_rules.update(dict.fromkeys(_compat.ELEMENTWISE, _elementwise_rule))
+
+
 def _bind_at(eqn: Any, invals: tuple[Any, ...], position: int, value: Any) -> Any:
     values = list(invals)
     values[position] = value
@@ -281,8 +280,7 @@ def _jit_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | 
     return evaluate(inner, consts, invals, tied, routing)
 
 
-for _primitive in _compat.CALL_PRIMITIVES:
-    _rules[_primitive] = _jit_rule
+_rules.update(dict.fromkeys(_compat.CALL_PRIMITIVES, _descending(_jit_rule)))
 
 
 def _scan_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None) -> list[Any]:
@@ -309,7 +307,7 @@ def _scan_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing |
     return [*carry, *ys]
 
 
-_rules[_primitives.scan_p] = _scan_rule
+_rules[_primitives.scan_p] = _descending(_scan_rule)
 
 
 def _checkpoint_rule(
@@ -327,8 +325,7 @@ def _checkpoint_rule(
     return jax.checkpoint(rematerialised, **_compat.checkpoint_options(eqn.params))(*flat)
 
 
-for _primitive in _compat.CHECKPOINT_PRIMITIVES:
-    _rules[_primitive] = _checkpoint_rule
+_rules.update(dict.fromkeys(_compat.CHECKPOINT_PRIMITIVES, _descending(_checkpoint_rule)))
 
 
 def live_inputs(jaxpr: Any, live_outputs: Sequence[bool] | None = None) -> list[bool]:

@@ -141,7 +141,8 @@ def _call(
     tied_leaves.update(layout.stacks)
     tied = [i in tied_leaves for i in traced_leaves] + [False] * len(arg_values)
     values = [full[i] for i in traced_leaves] + arg_values
-    outs = evaluate(jaxpr, consts, values, tied, routing)
+    # A constant output (a `Literal`) evaluates to a Python scalar: returned as the array it is.
+    outs = [_compat.as_array(x) for x in evaluate(jaxpr, consts, values, tied, routing)]
     dynamic = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_types), outs)
     return eqx.combine(dynamic, out_static)
 
