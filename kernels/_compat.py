@@ -60,7 +60,7 @@ _GPU_FEATURES: dict[str, Callable[[], bool]] = {
 
 
 def gpu_features_needed(config: Any) -> tuple[str, ...]:
-    """The Mosaic GPU features a `kernels.ffn.TuningConfig` needs beyond a plain pipeline."""
+    """The Mosaic GPU features a `kernels.TuningConfig` needs beyond a plain pipeline."""
     needed = []
     if config.wgmmas_in_flight:
         needed.append("BlockSpec(delay_release=...)")

@@ -72,9 +72,7 @@ def _plan(
         # The blocks as run (block_m/block_h arguments and compiled rounding applied).
         config = dataclasses.replace(config, block_m=blocks.block_m, block_h=blocks.block_h)
         _pallas_gpu.check_shared_memory(x, ws, w_out, config)
-        return KernelPlan(
-            phi, blocks, _pallas_gpu.forward, _pallas_gpu.backward, interpret, config
-        )
+        return KernelPlan(phi, blocks, _pallas_gpu.forward, _pallas_gpu.backward, interpret, config)
     if family == "tpu":
         blocks = _pallas_tpu.tpu_blocks(tokens, hidden, x.dtype, block_m, block_h)
         return KernelPlan(phi, blocks, _pallas_tpu.forward, _pallas_tpu.backward, interpret)
@@ -94,9 +92,9 @@ def _check_block(fn_name: str, name: str, value: object) -> None:
 def _check_config(fn_name: str, config: object) -> None:
     if config is not None and not isinstance(config, TuningConfig):
         raise TypeError(
-            f"{fn_name}: `config` must be a kernels.ffn.TuningConfig or None, got "
+            f"{fn_name}: `config` must be a kernels.TuningConfig or None, got "
             f"{type(config).__name__}.\nBuild one with e.g. `TuningConfig(stages=4)` or use "
-            "`kernels.ffn.CONFIGS['pipelined']`."
+            "`kernels.CONFIGS['pipelined']`."
         )
 
 
@@ -261,9 +259,9 @@ def ffn(
       8 rows (16 for 16-bit dtypes) and 128 columns; the Mosaic GPU kernels to a hidden chunk of
       whole 128-column tiles (64 gated) that divides `hidden` and, compiled, to multiples of 64
       rows (WGMMA's M). They override `config`'s `block_m`/`block_h`.
-    - `config`: a [`kernels.ffn.TuningConfig`][] for the Mosaic GPU kernels (tiles, stages,
+    - `config`: a `kernels.TuningConfig` for the Mosaic GPU kernels (tiles, stages,
       WGMMAs in flight, warp specialization, persistent grid); `None` for the default per
-      shape class (`kernels.ffn.default_config`). Other implementations ignore it.
+      shape class (`kernels.default_config`). Other implementations ignore it.
 
     All arguments share one dtype (float32, bfloat16 or float16); matmuls accumulate in float32
     and the hidden activation is rounded to that dtype before `w2`.

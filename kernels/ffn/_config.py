@@ -1,6 +1,6 @@
 """Tuning configurations of the Mosaic GPU kernels, and the dispatcher's default per shape class.
 
-A [`TuningConfig`][] fixes how each tile kernel (the forward's hidden kernel and the backward's
+A `TuningConfig` fixes how each tile kernel (the forward's hidden kernel and the backward's
 recompute kernel, see `kernels.ffn._pallas_gpu`) runs on a Hopper GPU. The recipe follows JAX's
 own Hopper matmul (`jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.py`) and its pipelining
 guide (`docs/pallas/gpu/pipelining.md`):
@@ -75,8 +75,12 @@ class TuningConfig:
                 )
         for name in ("block_n", "num_sms"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"TuningConfig: `{name}` must be a positive int or None, got {value!r}.")
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0
+            ):
+                raise ValueError(
+                    f"TuningConfig: `{name}` must be a positive int or None, got {value!r}."
+                )
         if self.wgmmas_in_flight not in (0, 1):
             raise ValueError(
                 f"TuningConfig: `wgmmas_in_flight` must be 0 or 1, got {self.wgmmas_in_flight!r}."
@@ -137,14 +141,15 @@ CONFIGS: dict[str, TuningConfig] = {
 def default_config(tokens: int, d: int, hidden: int, arity: int) -> TuningConfig:
     """The dispatcher's config for a call of this shape class.
 
-    The rule comes from the device table `benchmarks/results/ffn_device.json` (its markdown
-    twin `ffn_device.md`). That table's committed rows are a CPU dry run (Mosaic GPU
-    interpreter, tiny shapes: correctness only, no timings), so no GPU row measures any config
-    yet and every shape class keeps `legacy`, the kernel the 2026-11-30 H200 run measured
-    (`../shared/gpu-2026-11-30/README.md`). When a device run lands, replace this with the
-    fastest correct config per class, citing the rows (e.g. `ffn, bf16, d=1024, H=4096,
-    tokens=16384, n=8`). `tests/kernels/test_kernel_configs.py` checks that this rule agrees
-    with the committed table.
+    A rule read off the device script's committed tables, `benchmarks/results/ffn_device*.json`
+    (markdown twins beside them). The only committed table is `ffn_device_dry.json`, a CPU dry
+    run (Mosaic GPU interpreter, d=128, H=128: every config's status `ok` and gradient error,
+    no timings; no row has `platform: gpu`). With no GPU row measuring any config, every shape
+    class keeps `legacy`, the kernel the 2026-11-30 H200 run measured
+    (`../shared/gpu-2026-11-30/README.md`). When a device run commits `ffn_device.json`,
+    replace this with the fastest correct config per class, citing its rows (e.g. "ffn, d=1024,
+    H=4096, tokens=16384, n=8: kernel[pipelined] 18.0 ms vs kernel[legacy] 21.1 ms");
+    `tests/kernels/test_kernel_configs.py` fails until the rule agrees with the table.
     """
     del tokens, d, hidden, arity  # one class until the table measures more.
     return CONFIGS["legacy"]

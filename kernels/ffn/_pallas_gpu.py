@@ -65,9 +65,9 @@ def _transforms(dtype) -> tuple[Any, ...]:
 
 
 def check_supported(
-    x: jax.Array,
-    ws: Sequence[jax.Array],
-    w_out: jax.Array,
+    x: jax.Array | jax.ShapeDtypeStruct,
+    ws: Sequence[jax.Array | jax.ShapeDtypeStruct],
+    w_out: jax.Array | jax.ShapeDtypeStruct,
     *,
     compiled: bool,
     config: TuningConfig | None = None,
@@ -163,7 +163,7 @@ def _pipelines(gemms, operands, config: TuningConfig) -> tuple[tuple[int, ...], 
     if config.warp_specialized:
         raise NotImplementedError("a warp-specialized tile needs every GEMM to share K")
     lhs = list(dict.fromkeys(a for a, _ in gemms))
-    return tuple(tuple(i for i, (a, _) in enumerate(gemms) if a == l) for l in lhs)
+    return tuple(tuple(i for i, (a, _) in enumerate(gemms) if a == a0) for a0 in lhs)
 
 
 def _smem_bytes(t: _Tiling, operands, n_out: int, n_bias: int, stages: int, slots: int) -> int:
@@ -226,14 +226,27 @@ def _run_pipeline(t: _Tiling, pipeline, operands, acc_refs, mi, col0, *, wg=None
     # pipeline with delay_release=1 goes wrong under the interpreter (jax 0.10.2: wrong sums at
     # 2 stages, a barrier-phase error at 3), so such a pipeline waits for every WGMMA.
     lag = t.config.wgmmas_in_flight if k_steps > t.config.wgmmas_in_flight else 0
+    extra: dict[str, Any] = {"delay_release": lag} if lag else {}
     specs, srcs = [], []
     for a in lhs:
-        specs.append(plgpu.BlockSpec((t.bm, bk), lambda kk: (0, kk), transforms=tr,
-                                     **({"delay_release": lag} if lag else {})))
+        specs.append(
+            plgpu.BlockSpec(
+                (t.bm, bk),
+                lambda kk: (0, kk),
+                transforms=tr,
+                **extra,
+            )
+        )
         srcs.append(operands[a].at[pl.ds(mi * t.bm, t.bm), :])
     for i in pipeline:
-        specs.append(plgpu.BlockSpec((bk, tn), lambda kk: (kk, 0), transforms=tr,
-                                     **({"delay_release": lag} if lag else {})))
+        specs.append(
+            plgpu.BlockSpec(
+                (bk, tn),
+                lambda kk: (kk, 0),
+                transforms=tr,
+                **extra,
+            )
+        )
         srcs.append(operands[t.gemms[i][1]].at[:, pl.ds(col0, tn)])
 
     def mma(smems, accs):
@@ -247,19 +260,20 @@ def _run_pipeline(t: _Tiling, pipeline, operands, acc_refs, mi, col0, *, wg=None
         plgpu.wgmma_wait(lag * len(pipeline))
 
     if wg is None:
+
         def step(_, *smems):
             mma(smems, [acc_refs[i] for i in pipeline])
 
-        plgpu.emit_pipeline(step, grid=(k_steps,), in_specs=specs,
-                            max_concurrent_steps=t.stages)(*srcs)
+        plgpu.emit_pipeline(step, grid=(k_steps,), in_specs=specs, max_concurrent_steps=t.stages)(
+            *srcs
+        )
         if lag:
             plgpu.wgmma_wait(0)
         return None
     return k_steps, specs, srcs, mma
 
 
-def _tiles_kernel(epilogue, operands, gemms, n_bias, n_out, rows, cols, bm, bn, config,
-                  interpret):
+def _tiles_kernel(epilogue, operands, gemms, n_bias, n_out, rows, cols, bm, bn, config, interpret):
     """One `plgpu.kernel` over `(rows/bm, cols/tile_n)` output tiles.
 
     `operands = (arrays..., bias_1, ..., bias_q)`; `gemms` are `(a, b)` operand indices. A tile
@@ -267,18 +281,20 @@ def _tiles_kernel(epilogue, operands, gemms, n_bias, n_out, rows, cols, bm, bn, 
     `i`, and stores `epilogue(*accumulators)` (`n_out` arrays) to `(rows, cols)`.
     """
     dtype = operands[0].dtype
-    arrays, bias_in = operands[: len(operands) - n_bias], operands[len(operands) - n_bias :]
+    arrays = operands[: len(operands) - n_bias]
     t = _tiling(gemms, arrays, n_out, n_bias, bm, bn, config)
     tr, tn = _transforms(dtype), bn * t.wgs
     m_tiles, n_tiles = rows // bm, cols // tn
     ws_mode = config.warp_specialized
 
-    def store(accs, mi, col0, wg, slot, out_smems, bias_smem, barrier, outs):
+    def store(accs, mi, col0, wg, slot, scratch, biases, outs):
         """Bias, epilogue, and the results' copy to global memory (left in flight)."""
+        out_smems, bias_smem, barrier = scratch
         accs = list(accs)
         for q in range(n_bias):
-            plgpu.copy_gmem_to_smem(bias_in_refs[q].at[pl.ds(col0, bn)], bias_smem.at[wg, q],
-                                    barrier.at[wg * n_bias + q])
+            plgpu.copy_gmem_to_smem(
+                biases[q].at[pl.ds(col0, bn)], bias_smem.at[wg, q], barrier.at[wg * n_bias + q]
+            )
             plgpu.barrier_wait(barrier.at[wg * n_bias + q])
             b = _compat.gpu_layout_cast(bias_smem[wg, q], plgpu.Layout.WGMMA.reduce(0), interpret)
             accs[q] = accs[q] + lax.broadcast_in_dim(b.astype(_F32), (bm, bn), (1,))
@@ -295,11 +311,10 @@ def _tiles_kernel(epilogue, operands, gemms, n_bias, n_out, rows, cols, bm, bn, 
                 o_smem.at[wg, slot], o_gmem.at[pl.ds(mi * bm, bm), pl.ds(col0, bn)]
             )
 
-    bias_in_refs: list[Any] = []
-
     def tiles(visit):
         """Call `visit(mi, ni, slot)` for this program's tiles."""
         if config.persistent:
+
             @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
             def _(info):
                 (lin,) = info.index
@@ -310,16 +325,21 @@ def _tiles_kernel(epilogue, operands, gemms, n_bias, n_out, rows, cols, bm, bn, 
 
     def scratch_types():
         return dict(
-            out_smems=[plgpu.SMEM((t.wgs, t.slots, bm, bn), dtype, transforms=tr)
-                       for _ in range(n_out)],
+            out_smems=[
+                plgpu.SMEM((t.wgs, t.slots, bm, bn), dtype, transforms=tr) for _ in range(n_out)
+            ],
             bias_smem=plgpu.SMEM((t.wgs, max(n_bias, 1), bn), dtype),
             barrier=plgpu.Barrier(num_barriers=t.wgs * max(n_bias, 1)),
         )
 
     def body(*refs):
-        ins, outs = refs[: len(arrays)], refs[len(operands) :]
-        bias_in_refs[:] = refs[len(arrays) : len(operands)]
+        ins, biases, outs = (
+            refs[: len(arrays)],
+            refs[len(arrays) : len(operands)],
+            refs[len(operands) :],
+        )
         if not ws_mode:
+
             def plain_scope(out_smems, bias_smem, barrier):
                 def visit(mi, ni, slot):
                     def acc_scope(*acc_refs):
@@ -328,11 +348,13 @@ def _tiles_kernel(epilogue, operands, gemms, n_bias, n_out, rows, cols, bm, bn, 
                         return [r[...] for r in acc_refs]
 
                     accs = pl.run_scoped(acc_scope, *[plgpu.ACC((bm, bn), _F32) for _ in gemms])
-                    store(accs, mi, ni * tn, 0, slot, out_smems, bias_smem, barrier, outs)
+                    scratch = (out_smems, bias_smem, barrier)
+                    store(accs, mi, ni * tn, 0, slot, scratch, biases, outs)
 
                 tiles(visit)
 
-            pl.run_scoped(plain_scope, **scratch_types())
+            scratch: Any = scratch_types()
+            pl.run_scoped(plain_scope, **scratch)
             plgpu.wait_smem_to_gmem(0)
             return
 
@@ -340,7 +362,8 @@ def _tiles_kernel(epilogue, operands, gemms, n_bias, n_out, rows, cols, bm, bn, 
         ignore = lambda *_, **__: None  # noqa: E731
 
         def make(mi, ni, wg, compute_context):
-            k_steps, specs, srcs, mma = _run_pipeline(t, pipeline, ins, None, mi, ni * tn, wg=wg)
+            parts: Any = _run_pipeline(t, pipeline, ins, None, mi, ni * tn, wg=wg)
+            k_steps, specs, srcs, mma = parts
 
             def step(_, *smems_and_accs):
                 smems, accs = smems_and_accs[:-1], smems_and_accs[-1]
@@ -370,8 +393,8 @@ def _tiles_kernel(epilogue, operands, gemms, n_bias, n_out, rows, cols, bm, bn, 
                         eval_pipeline(tuple(acc_refs))
                         plgpu.wgmma_wait(0)
                         accs = [r[...] for r in acc_refs]
-                        store(accs, mi, ni * tn + wg * bn, wg, slot, out_smems, bias_smem,
-                              barrier, outs)
+                        scratch = (out_smems, bias_smem, barrier)
+                        store(accs, mi, ni * tn + wg * bn, wg, slot, scratch, biases, outs)
 
                     pl.run_scoped(acc_scope, *[plgpu.ACC((bm, bn), _F32) for _ in gemms])
 

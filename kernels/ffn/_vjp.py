@@ -42,9 +42,7 @@ class KernelPlan:
         return self.forward(self.phi, self.blocks, x, ws, bs, w_out, b_out, **self._options())
 
     def run_backward(self, x, ws, bs, w_out, b_out, g):
-        return self.backward(
-            self.phi, self.blocks, x, ws, bs, w_out, b_out, g, **self._options()
-        )
+        return self.backward(self.phi, self.blocks, x, ws, bs, w_out, b_out, g, **self._options())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
