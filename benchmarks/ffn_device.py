@@ -165,7 +165,8 @@ def _ffn_fn(shape: Shape, impl: str, *, interpret: bool, chunk: int) -> Callable
             implementation="interpret" if interpret else "pallas", backend="gpu", config=config
         )
     elif impl in ("xla", "xla_remat", "reference"):
-        kernel_kw = dict(implementation="xla_remat" if impl == "xla_remat" else "xla")
+        # The float32 reference recomputes too (jax.checkpoint): it must fit where XLA does not.
+        kernel_kw = dict(implementation="xla" if impl == "xla" else "xla_remat")
     if kernel_kw:
         if shape.arity == 2:
             return lambda c, x: kernels.gated_ffn(
@@ -423,7 +424,21 @@ def main(argv=None) -> None:
             if storage == "bf16":
                 params = {k: v.astype(jnp.bfloat16) for k, v in params.items()}
             x = jax.random.normal(jax.random.key(1), (tokens, d))
-            _, ref_grads = ref(params, x)
+            try:
+                _, ref_grads = ref(params, x)
+            except Exception as e:  # noqa: BLE001 - a row saying so, the run goes on.
+                status = "OOM" if _is_oom(e) else f"ERROR: {type(e).__name__}"
+                table["rows"].append(
+                    dict(
+                        kind=kind,
+                        tokens=tokens,
+                        n=n,
+                        storage=storage,
+                        impl="reference",
+                        status=f"{status}: case skipped",
+                    )
+                )
+                continue
             tol = 5e-2  # until XLA's bf16 error is known: then 4 x it, at least 2e-2.
             for impl in case_impls:
                 if impl == "tokamax" and _tokamax_glu() is None:
