@@ -13,6 +13,13 @@ only one chunk's activations are ever alive):
 That is 5 GEMM-equivalents in the backward for a plain FFN (the minimum), no `n x tokens x
 hidden` residuals, and `tokens x chunk` of transient memory.
 On CPU the same kernels run under Pallas' Mosaic GPU interpreter (`InterpretGPUParams`).
+
+Both kernels are one tile kernel (`_tiles_kernel`) scheduled by a `TuningConfig`
+(`kernels.ffn._config`): the GEMMs of a tile in one pipeline per GEMM (`legacy`) or per left
+operand, WGMMAs waited for every step or one step late, one warpgroup or a producer and two
+consumers (`emit_pipeline_warp_specialized`), a `(m, n)` grid or one persistent program per SM.
+`legacy` keeps the schedule of the kernel before configs (its program differs only in slicing
+the operands' refs before the pipeline instead of in the BlockSpec index maps).
 """
 
 from __future__ import annotations
