@@ -74,7 +74,7 @@ def _as_selectors(what: str, value: Any) -> tuple[Selector, ...]:
 
 def group(
     *members: Selector | Sequence[Selector],
-    canonical: str | int | None = None,
+    canonical: str | int | np.integer | None = None,
     init: Init = "canonical",
 ) -> Group:
     """Declare a tie group explicitly, optionally choosing its canonical member.
@@ -146,9 +146,9 @@ def view(source: Selector, target: Selector | Sequence[Selector], fn: Callable[[
 
 def stack(
     selector: Selector,
-    slices: Sequence[int] | None = None,
+    slices: Sequence[int] | np.ndarray | None = None,
     *,
-    canonical: int | None = None,
+    canonical: int | np.integer | None = None,
     init: Init = "canonical",
 ) -> Stack:
     """Tie slices of a stacked (scan-over-layers) array along its leading axis.
@@ -177,21 +177,22 @@ def stack(
     """
     if canonical is not None and not _is_index(canonical):
         raise TypeError(f"tt.stack: `canonical` must be an int slice index, got {canonical!r}.")
-    canonical = None if canonical is None else int(canonical)
+    index = None if canonical is None else int(canonical)
+    kept: tuple[int, ...] | None = None
     if slices is not None:
-        slices = tuple(np.asarray(slices).tolist()) if _is_int_array(slices) else tuple(slices)
-        if not all(_is_index(s) for s in slices):
-            raise TypeError(f"tt.stack: `slices` must be ints, got {list(slices)}.")
-        slices = tuple(int(s) for s in slices)
-        if len(slices) < 2:
-            raise ValueError(f"tt.stack needs at least two slices to tie, got {list(slices)}.")
+        given = tuple(np.asarray(slices).tolist()) if _is_int_array(slices) else tuple(slices)
+        if not all(_is_index(s) for s in given):
+            raise TypeError(f"tt.stack: `slices` must be ints, got {list(given)}.")
+        kept = tuple(int(s) for s in given)
+        if len(kept) < 2:
+            raise ValueError(f"tt.stack needs at least two slices to tie, got {list(kept)}.")
         # With negative indices membership depends on the axis length: checked at pack time.
-        all_non_negative = canonical is not None and canonical >= 0 and min(slices) >= 0
-        if all_non_negative and canonical not in slices:
-            raise ValueError(f"tt.stack: canonical slice {canonical} is not one of {list(slices)}.")
+        all_non_negative = index is not None and index >= 0 and min(kept) >= 0
+        if all_non_negative and index not in kept:
+            raise ValueError(f"tt.stack: canonical slice {index} is not one of {list(kept)}.")
     _check_init("tt.stack", init)
     (sel,) = _as_selectors("tt.stack", selector)[:1]
-    return Stack(sel, slices, canonical, init)
+    return Stack(sel, kept, index, init)
 
 
 def _is_index(x: Any) -> bool:
