@@ -231,3 +231,17 @@ def test_a_pattern_that_indexes_into_an_array_points_to_tt_stack():
     ) as e:
         tt.pack({"w": jnp.zeros((4, 2))}, tt.TieSpec(g="w[1:]"))
     assert "w is an array" in str(e.value) and "tt.stack('w', slices=[...])" in str(e.value)
+
+
+def test_an_index_past_the_end_of_a_list_says_how_long_the_list_is():
+    z = jnp.zeros(2)
+    with pytest.raises(
+        ValueError, match=r"Pattern 'l\[-3\]' of tie group 'g' matches nothing"
+    ) as e:
+        tt.pack({"l": [z, z], "a": z}, tt.TieSpec(g=["l[-3]", "a"]))
+    assert "l has 2 elements, so [-3] is out of range." in str(e.value)
+
+
+def test_a_where_function_returning_a_generator_is_told_to_return_a_list():
+    with pytest.raises(ValueError, match="The `where` function of tie group 'g' returned a gen"):
+        tt.pack(holder(), tt.TieSpec(g=lambda m: (x for x in (m.w, m.v))))

@@ -65,6 +65,7 @@ def no_match(index: Index, name: str, pattern: str) -> str:
     return (
         f"Pattern {pattern!r} of tie group {name!r} matches nothing in the model."
         + _slice_of_array_hint(index, parsed)
+        + _out_of_range_hint(index, parsed)
         + _stacked_hint(index, parsed)
         + (f" Nearest paths: {', '.join(hint)}." if hint else "")
         + f" Paths look like {example!r}; `*` matches one segment, `**` many."
@@ -91,6 +92,24 @@ def _slice_of_array_hint(index: Index, parsed: Sequence[PatternSegment]) -> str:
         f" {path} is an array, and a pattern selects nodes of the pytree, not slices of an "
         f"array: to tie slices of a stacked array, use tt.stack({path!r}, slices=[...])."
     )
+
+
+def _out_of_range_hint(index: Index, parsed: Sequence[PatternSegment]) -> str:
+    """For `l[5]` or `l[-3]` where every list `l[...]` selects is shorter: its length."""
+    lengths = sequence_lengths(index)
+    for position, segment in enumerate(parsed):
+        if not _is_index(segment) or not position:
+            continue
+        assert isinstance(segment, Key)
+        sized = [(k, lengths(k)) for k in index.nodes if matches(parsed[:position], k, lengths)]
+        sized = [(k, n) for k, n in sized if n is not None]
+        if sized and all(not -n <= segment.value < n for _, n in sized):
+            k, n = sized[0]
+            return (
+                f" {format_path(k)} has {n} element{'s' if n != 1 else ''}, so "
+                f"[{segment.value}] is out of range."
+            )
+    return ""
 
 
 def _is_index(segment: PatternSegment) -> bool:

@@ -7,7 +7,7 @@ pattern that matches nothing is told is a hint, built by `_hints.no_match`.
 """
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -116,6 +116,12 @@ def _select_where(index: Index, name: str, where: Callable[[Any], Any]) -> list[
             f"({type(error).__name__}: {error}). It must only select nodes, e.g. "
             "`lambda m: [b.mlp for b in m.blocks]`, not compute with them."
         ) from error
+    if isinstance(picked, Iterator | set | frozenset):
+        raise ValueError(
+            f"The `where` function of tie group {name!r} returned a {type(picked).__name__}. "
+            "Return a node, or a list or tuple of nodes, e.g. "
+            "`lambda m: [b.mlp for b in m.blocks]` (a list, not a generator)."
+        )
     if isinstance(picked, list | tuple) and not picked:
         raise ValueError(
             f"The `where` function of tie group {name!r} returned an empty "
