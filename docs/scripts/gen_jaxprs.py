@@ -156,6 +156,24 @@ def _tie_overhead() -> str:
             f"| {names[key]} | {v['hlo_parameters']} | {1000 * v['step_seconds_median']:.1f} | "
             f"{v['ratio_to_hand']:.2f} |"
         )
+    dispatch = data.get("dispatch")
+    if dispatch:
+        blocks = a.get("dispatch_blocks")
+        lines += [
+            "",
+            f"Per call, all dispatch (the same model at {blocks} blocks of width 8, through "
+            f"`eqx.filter_jit`; median of {a.get('dispatch_calls')} calls):",
+            "",
+            "| variant | leaves | array leaves | call (ms) | time / untied |",
+            "|---|---|---|---|---|",
+        ]
+        untied = dispatch["untied"]["call_seconds_median"]
+        for key in ("tied", "untied"):
+            v = dispatch[key]
+            lines.append(
+                f"| {names[key]} | {v['leaves']} | {v['array_leaves']} | "
+                f"{1000 * v['call_seconds_median']:.3f} | {v['call_seconds_median'] / untied:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
