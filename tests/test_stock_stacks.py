@@ -138,3 +138,8 @@ def test_a_stack_that_selects_a_subtree_without_arrays_is_refused():
     model = stacked(attention)
     with pytest.raises(ValueError, match="selects blocks.dropout, which holds no array"):
         tt.pack(model, tt.TieSpec(d=tt.stack("blocks.dropout")))
+
+
+def test_describe_counts_only_the_stacked_arrays_of_a_stock_module():
+    row = tt.describe(stacked(mlp), SPEC).splitlines()[1].split()
+    assert row[:5] == ["shared", "stack", "3", "slices", "4"]  # 2 weights, 2 biases

@@ -86,7 +86,7 @@ def describe(params: Any, spec: TieSpec) -> str:
             kept = {canonical for _, canonical in by_member}
             span = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
             members = f"{span} slices"
-            per_member = str(len(g.members[0].leaves))
+            per_member = str(sum(i in layout.stacks for i in g.members[0].leaves))  # arrays
             canonical_path = (
                 f"slice {kept.pop()} of {g.canonical.path}" if len(kept) == 1 else g.canonical.path
             )
