@@ -330,3 +330,17 @@ def test_a_structure_mismatch_names_the_differing_leaves_as_paths_below_each_mem
     with pytest.raises(ValueError, match="must have the same structure") as error:
         tt.pack(params, tt.TieSpec(g=["a", "c"]))
     assert "a and c differ: a alone has ['my key']." in str(error.value)
+
+
+def test_a_square_flax_embedding_tied_to_a_kernel_by_a_plain_group_is_warned_about(getkey):
+    embedding = jax.random.normal(getkey(), (4, 4))
+    params = {"embed": {"embedding": embedding}, "head": {"kernel": embedding + 1}}
+    spec = tt.TieSpec(head=["embed.embedding", "head.kernel"])
+    with pytest.warns(UserWarning, match="Tie group 'head' ties head.kernel .a Flax kernel"):
+        tt.pack(params, spec)
+
+
+def test_a_square_flax_head_tied_by_a_transposing_view_is_not_warned_about(getkey):
+    params = {"embed": {"embedding": jnp.ones((4, 4))}, "head": {"kernel": jnp.ones((4, 4))}}
+    spec = tt.TieSpec(head=tt.view("embed.embedding", "head.kernel", jnp.transpose))
+    tt.pack(params, spec)  # filterwarnings = error: a warning would fail here

@@ -141,7 +141,7 @@ def plan_for(spec: TieSpec, flat: Flat) -> Plan:
         plan = _resolve_spec(spec, Index.of(keypaths, treedef, leaves))
         spec._plans[treedef] = plan
     _check_layer_stacks(spec, plan, flat)
-    _check_view_orientation(plan, treedef, leaves)
+    _check_view_orientation(plan, flat)
     return plan
 
 
@@ -464,13 +464,19 @@ def _refuse_unstacked(name: str, member: Member, leaves: Sequence[Any]) -> None:
     )
 
 
-def _check_view_orientation(plan: Plan, treedef: Any, leaves: Sequence[Any]) -> None:
+def _check_view_orientation(plan: Plan, flat: Flat) -> None:
     """A view member that already has its source's shape: a transform that changes the shape is
-    refused, naming the plain group; a square transpose between an Equinox `Embedding` and
-    `Linear` (same orientation) is warned about, since it may tie the wrong orientation."""
+    refused, naming the plain group. Square matrices tie in either orientation, so two likely
+    mistakes are warned about: a transpose from an Equinox `Embedding` onto a `Linear` (both
+    (vocab, dim)), and a plain group of a Flax `embedding` (vocab, dim) and `kernel` (in, out)."""
+    keypaths, leaves, treedef = flat
     for slot in plan.slots:
         shape = full_shape(leaves[slot.canonical])
-        if slot.fn is None or shape is None:
+        if shape is None:
+            continue
+        if slot.fn is None:
+            if len(shape) == 2 and shape[0] == shape[1]:
+                _warn_flax_plain_group(slot, plan, keypaths)
             continue
         same = [r for r in slot.readers if full_shape(leaves[r]) == shape]
         if not same:
@@ -491,6 +497,38 @@ def _check_view_orientation(plan: Plan, treedef: Any, leaves: Sequence[Any]) -> 
             )
         if len(shape) == 2 and _transposes(slot.fn, shape[0], dtype):
             _warn_equinox_transpose(slot, plan, treedef, leaves, same)
+
+
+def _warn_flax_plain_group(slot: TieSlot, plan: Plan, keypaths: Sequence[KeyPath]) -> None:
+    """A square Flax `embedding` tied to a `kernel` by a plain group (Linen or NNX names)."""
+    source = _flax_name(keypaths[slot.canonical])
+    for reader in slot.readers:
+        if {source, _flax_name(keypaths[reader])} != {"embedding", "kernel"}:
+            continue
+        embedding, kernel = (
+            (slot.canonical, reader) if source == "embedding" else (reader, slot.canonical)
+        )
+        warnings.warn(
+            f"Tie group {slot.group!r} ties {plan.paths[kernel]} (a Flax kernel, (in, out)) to "
+            f"{plan.paths[embedding]} (an embedding, (vocab, dim)) untransposed, and both are "
+            "square, so nothing checks the orientation. A tied output head `Dense(vocab)` reads "
+            f"the transposed embedding: tt.view({plan.paths[embedding]!r}, "
+            f"{plan.paths[kernel]!r}, jnp.transpose). Keep the plain group only for a kernel "
+            f"that maps vocab -> dim. {ORIENTATION}",
+            UserWarning,
+            stacklevel=3,
+        )
+        return
+
+
+def _flax_name(keys: KeyPath) -> str | None:
+    """The name of a Flax parameter: its last dict key (NNX state adds a `.value`)."""
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    if not keys or not isinstance(keys[-1], jax.tree_util.DictKey):
+        return None
+    name = keys[-1].key
+    return name if isinstance(name, str) else None
 
 
 def _transposes(fn: Callable[[Any], Any], n: int, dtype: Any) -> bool:
