@@ -31,7 +31,10 @@ from tests.helpers import array_bytes
 from tietransform.testing import check_tied
 
 
-LAYERS, SEQ, WIDTH, HEADS, VOCAB = 3, 3, 4, 2, 5
+# Shapes repeat across modules (every hidden size and the vocabulary are WIDTH): `pack` and
+# `unpack` compile their small copy programs once per shape, so shared shapes keep this file fast.
+LAYERS, SEQ, WIDTH, HEADS = 3, 3, 4, 2
+VOCAB = HIDDEN = WIDTH
 LIST_SPEC = tt.TieSpec(layer="blocks[*]")
 STACK_SPEC = tt.TieSpec(layer=tt.stack("blocks"))
 
@@ -99,11 +102,11 @@ EQX_CASES = {
         lambda m, d: jnp.tanh(jax.vmap(m)(d.h)),
     ),
     "MLP": EqxCase(
-        lambda k: eqx.nn.MLP(WIDTH, WIDTH, 8, depth=2, activation=jax.nn.gelu, key=k),
+        lambda k: eqx.nn.MLP(WIDTH, WIDTH, HIDDEN, depth=2, activation=jax.nn.gelu, key=k),
         lambda m, d: jax.vmap(m)(d.h),
     ),
     "MLP-final-activation": EqxCase(
-        lambda k: eqx.nn.MLP(WIDTH, WIDTH, 8, depth=1, final_activation=jnp.tanh, key=k),
+        lambda k: eqx.nn.MLP(WIDTH, WIDTH, HIDDEN, depth=1, final_activation=jnp.tanh, key=k),
         lambda m, d: jax.vmap(m)(d.h),
     ),
     "MultiheadAttention-dropout": EqxCase(
