@@ -109,6 +109,7 @@ def _gpu_problems(draw) -> Problem:
 
 @pytest.mark.skipif(not _DEV, reason="drawn problems per config run under the dev profile")
 @pytest.mark.parametrize("name", sorted(CONFIGS))
+@hypothesis.settings(suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
 @hypothesis.given(data=_gpu_problems())
 def test_every_config_matches_the_reference_on_drawn_problems(name, data, capfd):
     _check_against_reference(data, _interpreted(name), capfd)
