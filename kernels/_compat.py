@@ -98,49 +98,26 @@ def lower_for(fn: Callable[..., Any], platform: str, *args: Any) -> Any:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,))
 
 
-def _jaxpr_and_consts(closed: Any) -> tuple[Any, Sequence[Any]]:
-    # jax <= 0.10: ClosedJaxpr(jaxpr, consts); 0.11+: one Jaxpr that carries its consts.
-    inner = getattr(closed, "jaxpr", closed)
-    return inner, getattr(closed, "consts", ())
-
-
 def eval_with_plain_adds(closed: Any, *args: Any) -> list[Any]:
     """Evaluate a jaxpr, binding `add_any` (autodiff's cotangent sum) as `lax.add`.
 
     Mosaic GPU lowers `add` but has no rule for `add_any`, which every `jax.vjp` emits; the two
     are the same function on arrays. Nested `jit`/`closed_call` jaxprs (e.g. `jax.nn.gelu` is
-    jitted) are evaluated recursively, whichever param holds them; every other equation is bound
-    as it is.
+    jitted) are evaluated inline with the same rule; every other equation is bound as it is.
+    tietransform's one evaluator (`tietransform._interpret`) does the walking.
     """
     from jax import lax  # noqa: PLC0415
-    from jax.extend import core as jex  # noqa: PLC0415
+    from jax.extend.core import primitives  # noqa: PLC0415
 
-    jaxpr, consts = _jaxpr_and_consts(closed)
-    env: dict[Any, Any] = {}
+    from .. import _compat as tt_compat, _interpret  # noqa: PLC0415
 
-    def read(v: Any) -> Any:
-        return v.val if isinstance(v, jex.Literal) else env[v]
-
-    for var, val in zip(jaxpr.constvars, consts, strict=True):
-        env[var] = val
-    for var, val in zip(jaxpr.invars, args, strict=True):
-        env[var] = val
-    # Calls of one inner jaxpr, keyed on primitive objects (`closed_call` is named `eval_jaxpr`
-    # from 0.12 on, where `call_p` is the same object).
-    calls = (jex.primitives.jit_p, jex.primitives.closed_call_p, jex.primitives.call_p)
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        if eqn.primitive is jex.primitives.add_jaxvals_p:
-            outs = [lax.add(*invals)]
-        elif eqn.primitive in calls:
-            inner = eqn.params["jaxpr" if "jaxpr" in eqn.params else "call_jaxpr"]
-            outs = eval_with_plain_adds(inner, *invals)
-        else:
-            ans = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-            outs = ans if eqn.primitive.multiple_results else [ans]
-        for var, val in zip(eqn.outvars, outs, strict=True):
-            env[var] = val
-    return [read(v) for v in jaxpr.outvars]
+    rules = _interpret.Rules(
+        {primitives.add_jaxvals_p: lambda eqn, invals, context: [lax.add(*invals)]},
+        default=_interpret.bind_plain,
+        inline_calls=True,
+    )
+    jaxpr, consts = tt_compat.split_jaxpr(closed)
+    return _interpret.evaluate(jaxpr, consts, args, rules)
 
 
 def gpu_layout_cast(value: Any, layout: Any, interpret: Any) -> Any:

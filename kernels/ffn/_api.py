@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ..._errors import warn_once
 from . import _pallas_gpu, _pallas_tpu, _sharded
 from ._config import TuningConfig, default_config
 from ._problem import Activation, Gated, Hidden, HiddenFn
@@ -26,18 +26,6 @@ Implementation = Literal["auto", "pallas", "interpret", "xla", "xla_remat"]
 KernelFamily = Literal["gpu", "tpu"]
 _IMPLEMENTATIONS: tuple[str, ...] = get_args(Implementation)
 
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def _reset_warnings() -> None:
-    """Forget which fallback warnings were shown (for tests)."""
-    _warned.clear()
 
 
 def _family_and_interpret(implementation: str, backend: str | None):
@@ -174,7 +162,7 @@ def _dispatch(
         axes = _sharded.token_axes(x) if x.ndim >= 2 else ()
         n = _sharded.shards(axes) if axes else 1
         if x.shape[0] % n:
-            _warn_once(
+            warn_once(
                 f"{fn_name}: x's leading axis ({x.shape[0]}) does not split into {n} shards over "
                 f"the mesh axes {axes}; the kernel runs on the whole of x (gathered). Make the "
                 "batch a multiple of the number of devices."
@@ -194,7 +182,7 @@ def _dispatch(
                 config,
             )
         except NotImplementedError as e:
-            _warn_once(
+            warn_once(
                 f"{fn_name}: the Pallas kernel cannot serve this call ({e}); "
                 "falling back to the XLA reference."
             )

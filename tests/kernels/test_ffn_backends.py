@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import tietransform._errors
 from tests.kernels.helpers import Problem, assert_close, scan_loss, tolerance
 from tietransform.kernels import _compat
 from tietransform.kernels.ffn import _pallas_gpu, _pallas_tpu, _vjp
@@ -106,9 +107,8 @@ def test_a_compiled_gpu_block_m_is_rounded_up_to_whole_wgmma_rows_and_lowers_for
 
 
 def test_gpu_kernels_fall_back_with_one_warning_for_float32():
-    from tietransform.kernels.ffn import _api
 
-    _api._reset_warnings()
+    tietransform._errors.reset_warnings()
     data = Problem(32, 64, 128, "float32", "gelu", False, True, 13)
     params, x = data.params(), data.x()
     with pytest.warns(RuntimeWarning, match="cannot serve this call"):
