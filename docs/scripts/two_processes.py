@@ -34,10 +34,12 @@ def loss(params, x, y):
     return jnp.mean((x - y) ** 2)
 
 
+def init_layer(key):
+    return {"w": jax.random.normal(key, (WIDTH, WIDTH)) / 3, "b": jnp.zeros(WIDTH)}
+
+
 # Every process builds the same params from the same seed.
-keys = jax.random.split(jax.random.key(0), LAYERS)
-params = {"layers": [{"w": jax.random.normal(k, (WIDTH, WIDTH)) / 3, "b": jnp.zeros(WIDTH)}
-                     for k in keys]}
+params = {"layers": [init_layer(k) for k in jax.random.split(jax.random.key(0), LAYERS)]}
 spec = tt.TieSpec(w="layers[*].w")  # one weight for every layer; each keeps its own bias
 packed = tt.pack(params, spec)
 optimizer = optax.adam(1e-2)
