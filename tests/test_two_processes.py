@@ -87,10 +87,17 @@ def _losses(stdout: str) -> np.ndarray:
     return np.array([float(v) for v in re.findall(r"loss (\S+)", stdout)], np.float32)
 
 
-def test_two_processes_train_the_tied_model_to_the_params_one_process_trains(tmp_path):
-    # The coordinator and a worker, and at the same time the reference: one process, one device.
-    two_out, _, one_out = _finish(_launch(2, tmp_path) + _launch(1, tmp_path))
-    two_dir, one_dir = tmp_path / "2-0", tmp_path / "1-0"
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, tuple[str, pathlib.Path]]:
+    """The script as a coordinator and a worker, and at the same time as one process with one
+    device: {number of processes: (process 0's stdout, its working directory)}."""
+    tmp = tmp_path_factory.mktemp("two_processes")
+    two_out, _, one_out = _finish(_launch(2, tmp) + _launch(1, tmp))
+    return {2: (two_out, tmp / "2-0"), 1: (one_out, tmp / "1-0")}
+
+
+def test_two_processes_train_the_tied_model_to_the_params_one_process_trains(runs):
+    (two_out, two_dir), (one_out, one_dir) = runs[2], runs[1]
     assert "2 processes, 2 devices" in two_out
     assert "1 processes, 1 devices" in one_out
     assert len(_losses(two_out)) == len(_losses(one_out)) == 3
@@ -101,3 +108,11 @@ def test_two_processes_train_the_tied_model_to_the_params_one_process_trains(tmp
     # tolerance(float32, 16) bounds (4e-6 of each leaf's magnitude); seen: 4e-7 or less.
     assert_trees_close(_losses(two_out), _losses(one_out), summands=BATCH)
     assert_trees_close(dict(two), dict(one), summands=BATCH)
+
+
+def test_the_many_devices_page_shows_what_the_two_processes_print(runs):
+    page = (ROOT / "docs" / "distributed.md").read_text()
+    shown = page.split("python two_processes.py 0 2 & python two_processes.py 1 2", 1)[1]
+    shown = shown.split("```text\n", 1)[1].split("```", 1)[0]
+    printed = [line for line in runs[2][0].splitlines() if not line.startswith("[Gloo]")]
+    assert shown.splitlines() == printed  # Gloo, which connects the processes, logs to stdout
