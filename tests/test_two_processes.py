@@ -6,6 +6,7 @@ The processes are real subprocesses talking over 127.0.0.1 on a free port; every
 and a hung run is killed and reported with what each process wrote to stderr.
 """
 
+import contextlib
 import os
 import pathlib
 import re
@@ -34,16 +35,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct ports that were free a moment ago (held open together, so never the same)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def _launch(
-    num_processes: int, workdir: pathlib.Path
+    num_processes: int, port: int, workdir: pathlib.Path
 ) -> list[tuple[subprocess.Popen, pathlib.Path]]:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{port}"
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
@@ -92,7 +96,8 @@ def runs(tmp_path_factory) -> dict[int, tuple[str, pathlib.Path]]:
     """The script as a coordinator and a worker, and at the same time as one process with one
     device: {number of processes: (process 0's stdout, its working directory)}."""
     tmp = tmp_path_factory.mktemp("two_processes")
-    two_out, _, one_out = _finish(_launch(2, tmp) + _launch(1, tmp))
+    two, one = _free_ports(2)
+    two_out, _, one_out = _finish(_launch(2, two, tmp) + _launch(1, one, tmp))
     return {2: (two_out, tmp / "2-0"), 1: (one_out, tmp / "1-0")}
 
 
