@@ -170,6 +170,15 @@ def test_a_negative_index_counts_from_the_end_of_the_list():
     assert eqx.is_array(packed["l"][1])
 
 
+def test_a_negative_index_counts_a_trailing_module_without_fields_as_an_element():
+    z, identity = jnp.zeros(2), eqx.nn.Identity()  # no leaves, but the list's last element
+    params = {"l": [z, jnp.ones(2), identity], "x": jnp.full(2, 5.0, jnp.float32)}
+    with pytest.raises(ValueError, match=r"matches only l\[2\], which holds no leaves"):
+        tt.pack(params, tt.TieSpec(g=tt.group("x", "l[-1]", canonical="x")))
+    packed = tt.pack(params, tt.TieSpec(g=tt.group("x", "l[-2]", canonical="x")))
+    assert packed["l"][1].source == "x"
+
+
 def test_a_slice_selects_the_list_elements_python_would():
     z = jnp.zeros(2)
     packed = tt.pack({"l": [z, z, z, z, z]}, tt.TieSpec(g="l[1::2]"))

@@ -55,7 +55,8 @@ def no_match(index: Index, name: str, pattern: str) -> str:
         return (
             f"Pattern {pattern!r} of tie group {name!r} matches only "
             f"{', '.join(format_path(k) for k in empty[:3])}, which holds no leaves "
-            "(None or an empty container). Tie groups tie arrays: select nodes that hold them."
+            "(None, an empty container or a module without fields). Tie groups tie arrays: select "
+            "nodes that hold them."
         )
     candidates = [format_path(k) for k in index.nodes]
     if "*" in pattern:  # suggest patterns for patterns: blocks[3].mlp -> blocks[*].mlp

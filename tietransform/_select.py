@@ -172,12 +172,16 @@ def _inner_mapping(obj: Any) -> Any:
 
 
 def empty_nodes(index: Index) -> list[KeyPath]:
-    """Paths of the model's `None` nodes and empty containers (they hold no leaves)."""
-    tree = jax.tree_util.tree_unflatten(index.treedef, [0] * len(index.keypaths))
-    with_paths, _ = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda x: x is None or (isinstance(x, list | tuple | dict) and not x)
-    )
-    return [tuple(path) for path, leaf in with_paths if leaf is None or leaf in ([], (), {})]
+    """Paths of the model's nodes that hold no leaves: `None`, empty containers, and modules
+    without fields such as `eqx.nn.Identity()` (an element of a list all the same)."""
+    leaf = object()
+    tree = jax.tree_util.tree_unflatten(index.treedef, [leaf] * len(index.keypaths))
+
+    def leafless(x: Any) -> bool:
+        return x is not leaf and not jax.tree_util.tree_leaves(x, is_leaf=lambda y: y is leaf)
+
+    with_paths, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=leafless)
+    return [tuple(path) for path, node in with_paths if node is not leaf]
 
 
 def as_member(index: Index, name: str, keys: KeyPath) -> Member:
