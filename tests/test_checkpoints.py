@@ -70,6 +70,17 @@ def test_our_loader_names_the_groups_whose_layout_the_file_does_not_hold(case, t
     assert f"{group!r}" in message and "tt.pack(tt.unpack(params, saved_spec), spec)" in message
 
 
+def test_our_loader_names_the_groups_when_the_file_object_starts_past_a_header(tmp_path):
+    saved_under, loaded_under = CASES["other members"]
+    with open(tmp_path / "p.eqx", "wb") as f:
+        f.write(b"my header")
+        eqx.tree_serialise_leaves(f, tt.pack(_params(), saved_under))
+    with open(tmp_path / "p.eqx", "rb") as f:
+        f.read(len(b"my header"))
+        with pytest.raises(ValueError, match="was saved under another tie layout"):
+            tt.tree_deserialise_leaves(f, tt.pack(_params(), loaded_under))
+
+
 def test_our_loader_loads_a_file_into_a_skeleton_of_its_own_spec(tmp_path, getkey):
     spec = tt.TieSpec(ffn="tower.blocks[*].mlp", s=tt.stack("w"))
     params = {"tower": Tower(3, key=getkey()), "w": jnp.ones((3, 2), jnp.bfloat16)}

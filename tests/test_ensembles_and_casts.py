@@ -96,3 +96,14 @@ def test_a_packed_tree_cast_to_an_integer_dtype_says_to_cast_inside_the_tied_fun
     packed = tt.pack(_params(getkey()), SPEC)
     with pytest.raises(ValueError, match="cast inside the tied function"):
         tt.tie(f, SPEC)(_cast(packed, jnp.int32), jnp.ones((2, 4), jnp.int32))
+
+
+def test_vmap_over_an_ensemble_whose_view_moves_the_ensemble_axis_is_refused(getkey):
+    # E == D, so `jnp.transpose` of the whole (E, D, D) ensemble fits the members' shape at
+    # pack time, but it mixes ensemble members where the vmapped call transposes each alone.
+    params = {"a": jax.random.normal(getkey(), (3, 3, 3)), "c": jnp.zeros((3, 3, 3))}
+    spec = tt.TieSpec(v=tt.view("a", "c", jnp.transpose))
+    packed = tt.pack(params, spec)
+    tied = tt.tie(lambda m: jnp.sum(m["a"] @ m["c"]), spec)
+    with pytest.raises(ValueError, match="does not act on trailing axes only"):
+        jax.vmap(tied)(packed)

@@ -22,6 +22,7 @@ from ._record import (
     fingerprint_of_record,
     fn_name,
     format_layout,
+    record_bits,
     record_of,
     record_shape,
     stack_layout,
@@ -193,6 +194,12 @@ def _stack_layout(stacks: Sequence[StackSlot], path: str, length: int) -> StackL
     slices: dict[str, tuple[int, ...]] = {}
     claimed: dict[int, str] = {}
     for stack in stacks:
+        if stack.length is not None and stack.length != length:
+            raise ValueError(
+                f"tt.stack group {stack.group!r} shares {stack.length} layers, but {path} has "
+                f"{length} along its stacked axis. Pass `layers={length}` to `tt.share_layers` "
+                "(or select the stack it should share)."
+            )
         normal = _normalise_slices(stack, path, length)
         for i in normal:
             if i in claimed:
@@ -314,7 +321,7 @@ def _mapped_axes(record: Any) -> int:
 def _check_record(path: str, value: TiedLeaf | StackedLeaf, expected: Layout) -> None:
     """Raises unless the layout record of `value` (data, e.g. from a file) is `expected`'s."""
     found = record_of(value.record)
-    want = fingerprint_of_record(record_shape(fingerprint(expected)))
+    want = record_bits(expected)
     if found is not None and len(found) in (RECORD_NDIM, RECORD_NDIM - 1):
         if fingerprint_of_record(found) == want:
             return
@@ -326,11 +333,7 @@ def _check_record(path: str, value: TiedLeaf | StackedLeaf, expected: Layout) ->
             "`eqx.combine(restored, skeleton)`, or pack the params again with "
             "`tt.pack(params, spec)`."
         )
-    own = (
-        None
-        if value.layout is None
-        else fingerprint_of_record(record_shape(fingerprint(value.layout)))
-    )
+    own = None if value.layout is None else record_bits(value.layout)
     if fingerprint_of_record(found) == own:
         raise ValueError(
             f"The packed params were packed under another layout: {path} was packed under "
@@ -390,6 +393,8 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
             )
         if slot.readers and slot.group not in mapped:
             mapped[slot.group] = _mapped_axes(readers[0].record)
+        if slot.fn is not None and mapped.get(slot.group):
+            _refuse_view_mixing_ensemble_members(plan, slot, canonical)
         if slot.fn is None:
             have = leaf_type(canonical)
             axes = mapped.get(slot.group, 0)
@@ -428,6 +433,29 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
     for leaf, stack in stacks.items():
         _check_record(plan.paths[leaf], leaves[leaf], stack_record_layout(stack))
     return PackedLayout(tuple(slots), stacks, mapped)
+
+
+def _refuse_view_mixing_ensemble_members(plan: Plan, slot: TieSlot, canonical: Any) -> None:
+    """Under `jax.vmap` of a packed ensemble a view's function sees one member's buffer, where
+    `pack` and `unpack` apply it to the whole ensemble. Both agree only if the function keeps a
+    leading axis as it is (acts on trailing axes); refuse a function that moves it."""
+    shape, dtype, _ = leaf_type(canonical)
+    probe = max(shape, default=1) + 1  # a leading axis of a length no other axis has
+    try:
+        whole = jax.eval_shape(slot.fn, jax.ShapeDtypeStruct((probe, *shape), dtype))
+        one = jax.eval_shape(slot.fn, jax.ShapeDtypeStruct(shape, dtype))
+        keeps = tuple(whole.shape) == (probe, *one.shape)
+    except Exception:
+        keeps = False
+    if not keeps:
+        raise ValueError(
+            f"The function {fn_name(slot.fn)} of view {slot.group!r} is mapped over packed "
+            f"params (jax.vmap of an ensemble), but it does not act on trailing axes only: "
+            f"applied to the whole ensemble, as `tt.pack` and `tt.unpack` apply it, it would "
+            f"mix ensemble members, so the two would disagree. Write the view on the trailing "
+            f"axes, e.g. `lambda w: jnp.swapaxes(w, -1, -2)` (or `w.mT`) instead of "
+            f"`jnp.transpose`, and pack the ensemble again."
+        )
 
 
 def _check_stacked_leaf(path: str, value: Any, stacks: Sequence[StackSlot]) -> StackLayout:

@@ -117,6 +117,18 @@ def fingerprint_of_record(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(shape[-(RECORD_NDIM - 1) :])
 
 
+def record_bits(layout: Layout) -> tuple[int, ...]:
+    """The fingerprint part of the record shape `layout` gives (see `fingerprint_of_record`)."""
+    return fingerprint_of_record(record_shape(fingerprint(layout)))
+
+
+def is_record_shape(shape: tuple[int, ...]) -> bool:
+    """Whether `shape` is a layout record's, `(lead, 0, k1, k2)`."""
+    return (
+        len(shape) == RECORD_NDIM and shape[1] == 0 and all(d % _MULTIPLE == 0 for d in shape[2:])
+    )
+
+
 def record_key(fingerprint_hex: str) -> str:
     return f"layout_{fingerprint_hex}"
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from ._placeholders import StackedLeaf, TiedLeaf
-from ._record import RECORD_NDIM, fingerprint, fingerprint_of_record, format_layout, record_shape
+from ._record import fingerprint_of_record, format_layout, is_record_shape, record_bits
 
 
 PyTree = TypeVar("PyTree")
@@ -43,10 +43,11 @@ def tree_deserialise_leaves(path_or_file: str | os.PathLike | IO[bytes], like: P
     file was saved under another spec (other members, canonical member, view or stacked slices),
     with how to load and convert it. Any other failure is Equinox's own error.
     """
+    start = None if isinstance(path_or_file, str | os.PathLike) else path_or_file.tell()
     try:
         return eqx.tree_deserialise_leaves(path_or_file, like)
     except (RuntimeError, ValueError) as error:
-        message = _layout_difference(path_or_file, like)
+        message = _layout_difference(path_or_file, like, start)
         if message is None:
             raise
         raise ValueError(message) from error
@@ -71,7 +72,10 @@ def orbax_restore(checkpointer: Any, directory: Any, target: PyTree) -> PyTree:
     try:
         return checkpointer.restore(directory, target)
     except ValueError as error:
-        metadata = checkpointer.metadata(directory)
+        try:
+            metadata = checkpointer.metadata(directory)
+        except Exception:
+            raise error from None  # no metadata to compare: orbax's own message
         tree = getattr(metadata, "item_metadata", metadata)
         saved = {
             key.key
@@ -117,17 +121,18 @@ def _mismatch_message(where: Any, missing: list[str], extra: int, loader: str) -
     )
 
 
-def _layout_difference(path_or_file: Any, like: Any) -> str | None:
+def _layout_difference(path_or_file: Any, like: Any, start: int | None) -> str | None:
     """What differs between the file's layout records and `like`'s, or None if nothing does."""
-    expected = {}
-    for leaf in _placeholders(like):
-        if leaf.record is not None and leaf.layout:
-            bits = fingerprint_of_record(record_shape(fingerprint(leaf.layout)))
-            expected[bits] = format_layout(leaf.layout)
+    expected = {
+        record_bits(leaf.layout): format_layout(leaf.layout)
+        for leaf in _placeholders(like)
+        if leaf.record is not None and leaf.layout
+    }
     try:
-        saved = {fingerprint_of_record(s) for s in _saved_shapes(path_or_file) if _is_record(s)}
-    except (OSError, ValueError):
+        shapes = list(_saved_shapes(path_or_file, start))
+    except (OSError, ValueError, KeyError):
         return None  # not a file of .npy arrays: leave the message to Equinox
+    saved = {fingerprint_of_record(s) for s in shapes if is_record_shape(s)}
     missing = [text for bits, text in expected.items() if bits not in saved]
     if not missing:
         return None
@@ -135,17 +140,14 @@ def _layout_difference(path_or_file: Any, like: Any) -> str | None:
     return _mismatch_message(name, missing, len(saved - set(expected)), "eqx")
 
 
-def _is_record(shape: tuple[int, ...]) -> bool:
-    return len(shape) == RECORD_NDIM and shape[1] == 0 and all(d % 3840 == 0 for d in shape[2:])
-
-
-def _saved_shapes(path_or_file: Any) -> Iterator[tuple[int, ...]]:
-    """The shapes of the `.npy` arrays in a file written by `eqx.tree_serialise_leaves`."""
+def _saved_shapes(path_or_file: Any, start: int | None) -> Iterator[tuple[int, ...]]:
+    """The shapes of the `.npy` arrays in a file written by `eqx.tree_serialise_leaves`, read
+    from the file's start (a path) or from where the caller's file object was (`start`)."""
     if isinstance(path_or_file, str | os.PathLike):
         with open(path_or_file, "rb") as f:
             yield from _npy_shapes(f)
     else:
-        path_or_file.seek(0)
+        path_or_file.seek(start or 0)
         yield from _npy_shapes(path_or_file)
 
 
