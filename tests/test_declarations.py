@@ -344,3 +344,20 @@ def test_a_square_flax_head_tied_by_a_transposing_view_is_not_warned_about(getke
     params = {"embed": {"embedding": jnp.ones((4, 4))}, "head": {"kernel": jnp.ones((4, 4))}}
     spec = tt.TieSpec(head=tt.view("embed.embedding", "head.kernel", jnp.transpose))
     tt.pack(params, spec)  # filterwarnings = error: a warning would fail here
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda: tt.Group(("a", "b"), init="mean"), ValueError, "`init` must be one of"),
+        (lambda: tt.Group(("a", "b"), canonical=True), TypeError, "`canonical` must be"),
+        (lambda: tt.Stack("w", None, canonical=1.5), TypeError, "`canonical` must be an int"),
+        (lambda: tt.stack("w", init="lower"), ValueError, "`init` must be one of"),
+    ],
+    ids=["Group init", "Group canonical bool", "Stack canonical float", "stack init"],
+)
+def test_declarations_built_directly_are_checked_as_their_constructors_check_them(
+    build, error, match
+):
+    with pytest.raises(error, match=match):
+        build()

@@ -41,7 +41,10 @@ def test_the_four_strategies_map_eight_layers_onto_two_blocks():
 def _strategy_layers_blocks(draw):
     strategy = draw(st.sampled_from(STRATEGIES))
     shared = draw(st.integers(2, 9))
-    blocks = draw(st.sampled_from([k for k in range(1, shared + 1) if shared % k == 0]))
+    if strategy.endswith("cycle"):  # any block count, uneven cycles included (5 layers on 2)
+        blocks = draw(st.integers(1, shared))
+    else:  # a sequence needs equal runs
+        blocks = draw(st.sampled_from([k for k in range(1, shared + 1) if shared % k == 0]))
     layers = shared + 2 if strategy.startswith("middle_") else shared
     return strategy, layers, blocks
 
@@ -84,10 +87,25 @@ def test_a_cycled_stack_scanned_with_lax_scan_matches_the_untied_model_and_keeps
     check_tied(loss, spec, model, x)
     packed = tt.pack(model, spec)
     assert packed.weight.data.shape == (blocks, d, d)
-    # Inside the scan each layer reads its block's row: no (layers, d, d) array is built.
-    jaxpr = jax.make_jaxpr(tt.tie(loss, spec))(packed, x)
-    shapes = [v.aval.shape for e in jaxpr.jaxpr.eqns for v in e.outvars]
-    assert (layers, d, d) not in shapes
+    # Inside the scan each layer reads its block's row: no (layers, d, d) array is built,
+    # forward or backward, at any depth of the program.
+    for fn in (tt.tie(loss, spec), jax.grad(tt.tie(loss, spec))):
+        jaxpr = jax.make_jaxpr(fn)(packed, x)
+        assert (layers, d, d) not in _all_shapes(jaxpr.jaxpr)
+    assert (layers, d, d) in _all_shapes(jax.make_jaxpr(jax.grad(loss))(model, x).jaxpr)
+
+
+def _all_shapes(jaxpr):
+    """Shapes of every value any equation of `jaxpr` makes, inner jaxprs (scan bodies) too."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, list | tuple) else (param,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    shapes |= _all_shapes(inner)
+    return shapes
 
 
 @pytest.mark.parametrize("init", ["lower", "upper"])
@@ -115,6 +133,19 @@ def test_a_strategy_that_cannot_map_the_layers_says_why(strategy, layers, blocks
         tt.layer_blocks(strategy, layers=layers, blocks=blocks)
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["list", "stack"])
+def test_sharing_declared_for_fewer_layers_than_the_model_has_is_refused(stacked):
+    # middle_cycle over 4 layers would leave layers 4 and 5 of a 6-layer model untied.
+    if stacked:
+        params, path = {"w": jnp.ones((6, 2))}, "w"
+    else:
+        params, path = {"l": [jnp.ones(2) for _ in range(6)]}, "l[*]"
+    shared = tt.share_layers(path, "middle_cycle", layers=4, blocks=1, stacked=stacked)
+    with pytest.raises(ValueError, match="shares 4 layers, but .* 6") as error:
+        tt.pack(params, tt.TieSpec(shared))
+    assert "layers=6" in str(error.value)
+
+
 def test_share_layers_over_a_list_needs_one_layer_wildcard():
     with pytest.raises(ValueError, match="needs one `\\[\\*\\]` in the path"):
         tt.share_layers("blocks", "cycle", layers=4, blocks=2)
@@ -130,7 +161,7 @@ def test_an_averaged_group_stores_the_mean_of_its_members_at_the_canonical_place
     np.testing.assert_array_equal(packed["b"], [3.0, 3.0])
     full = tt.unpack(packed, spec)
     assert all(np.array_equal(full[k], [3.0, 3.0]) for k in "abc")
-    assert "(packed as the mean of the members)" in tt.describe(packed, spec)
+    assert "(init='average': tt.pack stores the members' mean)" in tt.describe(packed, spec)
 
 
 def test_an_averaged_stack_stores_the_mean_of_its_tied_slices_and_keeps_the_others():

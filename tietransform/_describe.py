@@ -37,7 +37,7 @@ def describe(params: Any, spec: TieSpec) -> str:
 
     A multi-line string. For a `tt.stack` group, `members` counts the tied slices and
     `canonical` names the slice whose value is kept (`slice 0 of blocks.mlp`). A group declared
-    with `init="average"` says that its buffer was packed as the mean of its members. A spec
+    with `init="average"` says so: `tt.pack` stores the mean of its members. A spec
     without groups gives one line saying that nothing is tied. E.g.
 
     ```
@@ -117,7 +117,7 @@ def describe(params: Any, spec: TieSpec) -> str:
         else:
             lines.append(f"  {g.name}: {', '.join(shown)}{_chain_note(plan, layout, g)}")
         if getattr(spec.groups.get(g.name), "init", None) == "average":
-            lines[-1] += " (packed as the mean of the members)"
+            lines[-1] += " (init='average': tt.pack stores the members' mean)"
     unpacked = packed_bytes + total_saved
     fraction = total_saved / unpacked if unpacked else 0.0
     lines.append(

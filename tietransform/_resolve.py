@@ -38,8 +38,8 @@ from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
-import numpy as np
 
+from . import _compat
 from ._errors import describe_leaf, format_type, leaf_type
 from ._hints import ORIENTATION, no_match, one_member_hint, plain_group_hint
 from ._paths import KeyPath, format_path, matches, parse_pattern
@@ -48,6 +48,7 @@ from ._record import fn_name
 from ._select import (
     Index,
     Member,
+    empty_nodes,
     full_shape,
     full_type,
     needs_lengths,
@@ -77,6 +78,7 @@ class StackSlot:
     leaf: int
     slices: tuple[int, ...] | None
     canonical: int | None
+    length: int | None = None  # the stacked axis length the declaration requires, if any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +143,12 @@ def plan_for(spec: TieSpec, flat: Flat) -> Plan:
         plan = _resolve_spec(spec, Index.of(keypaths, treedef, leaves))
         spec._plans[treedef] = plan
     _check_layer_stacks(spec, plan, flat)
-    _check_view_orientation(plan, flat)
+    # The orientation checks depend on the structure and the members' shapes only: once each.
+    signature = (treedef, tuple(full_shape(x) for x in leaves))
+    checked = spec.__dict__.setdefault("_orientations_checked", set())
+    if signature not in checked:
+        _check_view_orientation(plan, flat)
+        checked.add(signature)
     return plan
 
 
@@ -180,6 +187,8 @@ def _group_rule(index: Index, name: str, decl: Group) -> Resolved:
             f"Tie group {name!r} selects only one member ({members[0].path}); a tie needs "
             f"at least two. {one_member_hint(index, name, members[0])}"
         )
+    if decl.layers is not None:
+        _check_layer_count(index, name, *decl.layers)
     canonical = _pick_canonical(index, name, members, decl.canonical)
     readers = [m for m in members if m is not canonical]
     _check_disjoint(name, members)
@@ -190,6 +199,19 @@ def _group_rule(index: Index, name: str, decl: Group) -> Resolved:
 
 
 _RULES[Group] = _group_rule
+
+
+def _check_layer_count(index: Index, name: str, pattern: str, layers: int) -> None:
+    """Raises unless `pattern` (e.g. `blocks[*]`) matches exactly `layers` nodes."""
+    parsed = parse_pattern(pattern)
+    lengths = sequence_lengths(index) if needs_lengths(parsed) else None
+    found = {k for k in [*index.nodes, *empty_nodes(index)] if matches(parsed, k, lengths)}
+    if len(found) != layers:
+        raise ValueError(
+            f"Tie group {name!r} shares {layers} layers, but {pattern!r} matches {len(found)} "
+            f"nodes in the model. Pass `layers={len(found)}` to `tt.share_layers` (or select "
+            "the layers it should share)."
+        )
 
 
 def _view_rule(index: Index, name: str, decl: View) -> Resolved:
@@ -221,7 +243,7 @@ def _stack_rule(index: Index, name: str, decl: Stack) -> Resolved:
     members = _select(index, name, decl.selector)
     _check_disjoint(name, members)
     stacks = tuple(
-        StackSlot(name, leaf, decl.slices, decl.canonical)
+        StackSlot(name, leaf, decl.slices, decl.canonical, decl.layers)
         for member in members
         for leaf in member.leaves
     )
@@ -532,13 +554,19 @@ def _flax_name(keys: KeyPath) -> str | None:
 
 
 def _transposes(fn: Callable[[Any], Any], n: int, dtype: Any) -> bool:
-    """Whether `fn` maps an `(n, n)` matrix to its transpose (evaluated on `arange`)."""
+    """Whether `fn` is one transpose of an `(n, n)` matrix (`jnp.transpose`, `.T`, `.mT`,
+    `jnp.swapaxes(w, -1, -2)`), read off its jaxpr: tracing costs no arithmetic at any `n`."""
     try:
-        with jax.ensure_compile_time_eval():  # concrete even when called under `jit`
-            a = jax.numpy.arange(n * n, dtype=dtype).reshape(n, n)
-            return bool(np.array_equal(np.asarray(fn(a)), np.asarray(a).T))
+        closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((n, n), dtype))
     except Exception:
         return False
+    jaxpr, _ = _compat.split_jaxpr(closed)
+    while len(jaxpr.eqns) == 1 and jaxpr.eqns[0].primitive in _compat.CALL_PRIMITIVES:
+        jaxpr, _ = _compat.call_jaxpr(jaxpr.eqns[0])
+    if len(jaxpr.eqns) != 1:
+        return False
+    eqn = jaxpr.eqns[0]
+    return eqn.primitive is jax.lax.transpose_p and tuple(eqn.params["permutation"]) == (1, 0)
 
 
 def _warn_equinox_transpose(

@@ -23,6 +23,18 @@ class Group:
     members: tuple[Selector, ...]
     canonical: str | int | None = None
     init: "Init" = "canonical"
+    layers: tuple[str, int] | None = None
+    """`(pattern, L)`: the pattern (`"blocks[*]"`) must match exactly `L` nodes, as a sharing
+    strategy over `L` layers needs (`share_layers` sets it)."""
+
+    def __post_init__(self) -> None:  # also when built directly, not through `tt.group`
+        _check_init("tt.Group", self.init)
+        if not (self.canonical is None or isinstance(self.canonical, str)):
+            if not _is_index(self.canonical):
+                raise TypeError(
+                    f"tt.Group: `canonical` must be a member's path or its int position, got "
+                    f"{self.canonical!r}."
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +54,16 @@ class Stack:
     slices: tuple[int, ...] | None
     canonical: int | None = None
     init: "Init" = "canonical"
+    layers: int | None = None
+    """The length the stacked axis must have, as a sharing strategy over `L` layers needs
+    (`share_layers` sets it)."""
+
+    def __post_init__(self) -> None:  # also when built directly, not through `tt.stack`
+        _check_init("tt.Stack", self.init)
+        if self.canonical is not None and not _is_index(self.canonical):
+            raise TypeError(
+                f"tt.Stack: `canonical` must be an int slice index, got {self.canonical!r}."
+            )
 
 
 Declaration: TypeAlias = Group | View | Stack

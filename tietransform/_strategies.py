@@ -16,13 +16,14 @@ is exactly the groups it stands for: a list of blocks gets `tt.group`s of `path[
 `L`-fold copy.
 """
 
+import dataclasses
 from typing import Literal, get_args
 
 from ._spec import Group, Stack, group, stack
 
 
 Strategy = Literal["cycle", "sequence", "middle_cycle", "middle_sequence"]
-Init = Literal["lower", "upper", "average"]
+BlockInit = Literal["lower", "upper", "average"]
 
 
 def layer_blocks(strategy: Strategy, *, layers: int, blocks: int) -> tuple[int | None, ...]:
@@ -68,7 +69,7 @@ def share_layers(
     layers: int,
     blocks: int,
     stacked: bool = False,
-    init: Init = "lower",
+    init: BlockInit = "lower",
     name: str = "block",
 ) -> dict[str, Group | Stack]:
     """Declarations that share `layers` layers among `blocks` blocks by `strategy`.
@@ -89,12 +90,18 @@ def share_layers(
 
     **Returns:**
 
+    The declarations record `layers`, so packing a model whose list or stack has another
+    number of layers is refused rather than leaving the extra layers untied.
+
     A dict of group name to declaration, for [`tietransform.TieSpec`][]:
     `tt.TieSpec(tt.share_layers("blocks[*]", "cycle", layers=12, blocks=3))`, or merged with other
     groups (`tt.TieSpec({**shared, "head": ...})`). Blocks read by one layer only need no group.
     """
-    if init not in get_args(Init):
-        raise ValueError(f"init must be one of {list(get_args(Init))}, got {init!r}.")
+    if init not in get_args(BlockInit):
+        raise ValueError(
+            f"share_layers: init must be one of {list(get_args(BlockInit))}, got {init!r}: "
+            "which layer a block keeps when an untied model is packed, or the layers' mean."
+        )
     if not stacked and path.count("[*]") != 1:
         raise ValueError(
             f"share_layers over a list of blocks needs one `[*]` in the path for the layer "
@@ -110,9 +117,14 @@ def share_layers(
         keep = members[-1] if init == "upper" else members[0]
         how = "average" if init == "average" else "canonical"
         if stacked:
-            declarations[f"{name}_{block}"] = stack(path, members, canonical=keep, init=how)
+            declared = stack(path, members, canonical=keep, init=how)
+            declarations[f"{name}_{block}"] = dataclasses.replace(declared, layers=layers)
         else:
             paths = [path.replace("[*]", f"[{i}]") for i in members]
             canonical = path.replace("[*]", f"[{keep}]")
-            declarations[f"{name}_{block}"] = group(*paths, canonical=canonical, init=how)
+            declared = group(*paths, canonical=canonical, init=how)
+            layer_nodes = path[: path.index("[*]") + 3]  # "blocks[*].mlp" -> "blocks[*]"
+            declarations[f"{name}_{block}"] = dataclasses.replace(
+                declared, layers=(layer_nodes, layers)
+            )
     return declarations
