@@ -294,6 +294,12 @@ def test_flax_nnx_module_stacked_with_vmap_and_run_with_nnx_scan_ties_to_the_ref
     check_tied(eqx.filter_jit(_nnx_scan_loss(case, graphdef)), STACK_SPEC, params, rest, _data())
 
 
+@pytest.mark.parametrize("name", NNX_CASES)
+def test_a_packed_flax_nnx_stack_holds_one_layers_arrays(name):
+    _, params, _ = _nnx_split(lambda: NnxStack(NNX_CASES[name]))
+    assert array_bytes(tt.pack(params, STACK_SPEC)) * LAYERS == array_bytes(params)
+
+
 # --- Flax Linen --------------------------------------------------------------------------------
 
 
@@ -372,3 +378,9 @@ def test_flax_linen_module_as_a_list_of_blocks_ties_to_the_untied_reference(name
 def test_flax_linen_module_under_nn_scan_ties_to_the_untied_reference(name):
     loss, params = _linen(LinenScan(LINEN_CASES[name]))
     check_tied(eqx.filter_jit(loss), STACK_SPEC, params, _data())
+
+
+@pytest.mark.parametrize("name", LINEN_CASES)
+def test_a_packed_flax_linen_stack_holds_one_layers_arrays(name):
+    _, params = _linen(LinenScan(LINEN_CASES[name]))
+    assert array_bytes(tt.pack(params, STACK_SPEC)) * LAYERS == array_bytes(params)
