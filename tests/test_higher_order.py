@@ -51,6 +51,12 @@ def via_scan(p, x):
     return jax.lax.scan(layer, x, p["w"])[0]
 
 
+def via_scan_const(p, x):
+    """The stack as a scan *const*, indexed by the scanned layer number: built whole."""
+    layers = jnp.arange(p["w"].shape[0])
+    return jax.lax.scan(lambda h, i: (jnp.tanh(h @ p["w"][i]), None), _mix(p, x), layers)[0]
+
+
 def via_cond(p, x):
     return jax.lax.cond(
         jnp.sum(x) > 0.0,
@@ -150,6 +156,7 @@ CASES = {
     "jit": (via_jit, True),
     "remat": (via_remat, True),
     "scan": (via_scan, True),
+    "scan const": (via_scan_const, False),
     "cond": (via_cond, False),
     "while": (via_while, False),
     "closed_call": (via_closed_call, True),

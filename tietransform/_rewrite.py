@@ -223,7 +223,7 @@ SLICE_READS: frozenset[Any] = frozenset(
 def _warn_materialised(eqn: Any, invals: Sequence[Any]) -> None:
     groups = sorted({g for v in invals if _is_lazy(v) for g in v.groups})
     warnings.warn(
-        f"Stacked tie group(s) {groups} are read by `{eqn.primitive.name}`, which tietransform "
+        f"Stacked tie group(s) {groups} are read by `{eqn.primitive.name}` in a way tietransform "
         "does not rewrite: the full stacked array is built there (values and gradients are "
         "correct; memory is L-fold). Pass the stack to `lax.scan` as `xs` (elementwise "
         "operations such as casts may come first) or read one slice at a time to avoid the copy.",
@@ -285,6 +285,8 @@ _rules.update(dict.fromkeys(_compat.CALL_PRIMITIVES, _descending(_jit_rule)))
 
 def _scan_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None) -> list[Any]:
     num_consts, num_carry = _compat.scan_layout(eqn.params)
+    if any(_is_lazy(v) for v in invals[: num_consts + num_carry]):
+        _warn_materialised(eqn, invals[: num_consts + num_carry])  # a const or carry, not xs
     consts = _materialised(invals[:num_consts])
     init = _materialised(invals[num_consts : num_consts + num_carry])
     xs = invals[num_consts + num_carry :]
