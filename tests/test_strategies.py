@@ -192,10 +192,18 @@ def test_share_layers_with_average_init_packs_each_block_as_the_mean_of_its_laye
         np.testing.assert_allclose(rows[layer], w[layer % blocks :: blocks].mean(axis=0))
 
 
-def test_averaging_integer_members_or_with_require_equal_is_refused():
-    ints = {"a": jnp.arange(2), "b": jnp.arange(2)}
-    with pytest.raises(ValueError, match="init='average' needs floating point members"):
-        tt.pack(ints, tt.TieSpec(g=tt.group("a", "b", init="average")))
+def test_averaging_a_subtree_averages_its_floats_and_keeps_the_canonical_integers():
+    params = {
+        "a": {"w": jnp.array([1.0, 2.0]), "count": jnp.array(3)},
+        "b": {"w": jnp.array([3.0, 4.0]), "count": jnp.array(7)},
+    }
+    spec = tt.TieSpec(g=tt.group("a", "b", init="average"))
+    full = tt.unpack(tt.pack(params, spec), spec)
+    np.testing.assert_array_equal(full["b"]["w"], [2.0, 3.0])
+    assert int(full["b"]["count"]) == 3
+
+
+def test_averaging_with_require_equal_is_refused():
     floats = {"a": jnp.ones(2), "b": jnp.ones(2)}
     with pytest.raises(ValueError, match="require_equal=True checks"):
         tt.pack(floats, tt.TieSpec(g=tt.group("a", "b", init="average")), require_equal=True)

@@ -45,7 +45,8 @@ def pack(
 
     A group declared with `init="average"` stores the elementwise mean of its members (its
     slices, for a stack) at the canonical member's place, as when a pretrained untied model is
-    converted into a shared one; the others store the canonical member's value.
+    converted into a shared one (floating point leaves; integer and bool leaves keep the
+    canonical value); the others store the canonical member's value.
 
     **Returns:**
 
@@ -81,7 +82,7 @@ def pack(
     for slot in layout.slots:
         if slot.group in averaged:
             members = [slot.canonical, *slot.readers]
-            out[slot.canonical] = _mean(plan, [leaves[i] for i in members], members)
+            out[slot.canonical] = _mean([leaves[i] for i in members])
     layouts = tie_layouts(plan)
     holders = record_holders(layout.slots)
     for slot in layout.slots:
@@ -114,7 +115,7 @@ def pack(
                 tied = stack.slices[name]
                 row = stack.rows[tied[0]]
                 rows = [leaves[leaf][i] for i in tied]
-                data = data.at[row].set(_mean(plan, rows, [leaf] * len(tied)))
+                data = data.at[row].set(_mean(rows))
         recorded = stack_record_layout(stack)
         out[leaf] = StackedLeaf(
             data,
@@ -182,15 +183,12 @@ def _take_rows(x: Any, kept: tuple[int, ...]) -> Any:
     return jnp.take(x, np.asarray(kept, dtype=np.int32), axis=0)
 
 
-def _mean(plan: Plan, xs: list[Any], indices: list[int]) -> Any:
-    """The elementwise mean of the members `xs` (at leaves `indices`), accumulated in at least
-    float32 and returned in their dtype."""
+def _mean(xs: list[Any]) -> Any:
+    """The elementwise mean of the members `xs` (the canonical first), accumulated in at least
+    float32 and returned in their dtype; integer and bool leaves keep the canonical value."""
     dtype = leaf_type(xs[0])[1]
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(
-            f"init='average' needs floating point members, but {plan.paths[indices[0]]} is "
-            f"{describe_leaf(xs[0])}. Use init='canonical' for this group."
-        )
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        return xs[0]  # integer and bool leaves (counters, masks) keep the canonical value
     accumulate = jnp.promote_types(dtype, jnp.float32)
     total = sum(jnp.asarray(x, accumulate) for x in xs)
     return (total / len(xs)).astype(dtype)

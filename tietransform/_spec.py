@@ -110,8 +110,9 @@ def group(
       position in path order. Defaults to the first member in path order.
     - `init`: what `pack` stores in the group's buffer: the canonical member's value
       (`"canonical"`) or the elementwise mean of the members' values (`"average"`, as when a
-      pretrained untied model is converted into a recursive one). The buffer lives at the
-      canonical member's place either way.
+      pretrained untied model is converted into a recursive one; integer and bool leaves keep
+      the canonical member's value). The buffer lives at the canonical member's place either
+      way.
 
     **Returns:**
 
