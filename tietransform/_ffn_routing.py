@@ -155,7 +155,8 @@ def decide(site: FFNSite, routing: Routing) -> RoutedFFN:
             reason=support.reason,
         )
         message = (
-            f"tie(fuse_ffn={routing.implementation!r}): {decision.shape}, activation "
+            f"tie(fuse_ffn=...) routes FFNs to kernels.ffn (implementation "
+            f"{routing.implementation!r}), but {decision.shape}, activation "
             f"{decision.activation}, is left to XLA: {support.reason}."
         )
         if routing.warns:
