@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 import dataclasses
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import jax
@@ -41,16 +41,43 @@ class Routing:
 
     implementation: Implementation
     warns: bool
+    options: tuple[tuple[str, Any], ...] = ()
+    """Keyword arguments for the kernels beyond `implementation` (`backend`, `config`, ...)."""
 
 
-def routing_for(fuse_ffn: bool | Implementation | None) -> Routing | None:
+FFN_OPTIONS = frozenset({"backend", "config", "block_m", "block_h"})
+"""The keyword arguments of `kernels.ffn` that `tie(..., ffn_options=...)` passes through."""
+
+
+def routing_for(
+    fuse_ffn: bool | Implementation | None, options: Mapping[str, Any] | None = None
+) -> Routing | None:
     """The routing `tie(..., fuse_ffn=...)` asks for.
 
     `None`: the compiled kernels where a Pallas backend exists (GPU, TPU), silently leaving what
     they cannot serve to XLA; off on CPU. `True`: on everywhere (interpret mode on CPU), warning
     once per site the kernel cannot serve. `False`: off. A string is an implementation of
-    `kernels.ffn`, as explicit as `True`.
+    `kernels.ffn`, as explicit as `True`. `options` are further keyword arguments of the kernels
+    (`backend`, `config`, `block_m`, `block_h`), for every site.
     """
+    routing = _routing_for(fuse_ffn)
+    if not options:
+        return routing
+    unknown = sorted(set(options) - FFN_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"tie(ffn_options=...) got {unknown}, which are not options of kernels.ffn; use "
+            f"{sorted(FFN_OPTIONS)}."
+        )
+    if routing is None:
+        raise ValueError(
+            "tie(ffn_options=...) configures the fused FFN kernel, which this call does not use: "
+            "pass fuse_ffn=True (or an implementation name) too."
+        )
+    return dataclasses.replace(routing, options=tuple(sorted(options.items())))
+
+
+def _routing_for(fuse_ffn: bool | Implementation | None) -> Routing | None:
     if isinstance(fuse_ffn, str):
         if fuse_ffn not in IMPLEMENTATIONS:
             raise ValueError(
@@ -137,6 +164,7 @@ def decide(site: FFNSite, routing: Routing) -> RoutedFFN:
         weight(site.down),
         biases=tuple(p.bias.aval for p in (*site.ins, site.down) if p.bias is not None),
         implementation=routing.implementation,
+        **{k: v for k, v in routing.options if k in ("backend", "config")},
     )
     kernel = "kernels.gated_ffn" if site.gated else "kernels.ffn"
     if support.reason is None:
@@ -182,7 +210,7 @@ of such, or known activations), bound without the context of the trace they came
 may hold a mesh the kernel's per-shard body refuses."""
 
 
-def serve(site: FFNSite, read: Callable[[Any], Any], decision: RoutedFFN) -> Any:
+def serve(site: FFNSite, read: Callable[[Any], Any], decision: RoutedFFN, routing: Routing) -> Any:
     """Computes the site's output with `kernels.ffn` or `kernels.gated_ffn`."""
     from .kernels import ffn, gated_ffn
 
@@ -213,6 +241,7 @@ def serve(site: FFNSite, read: Callable[[Any], Any], decision: RoutedFFN) -> Any
             b2=bias(down),
             activation=activation,
             implementation=implementation,
+            **dict(routing.options),
         )
     (first,) = site.ins
     return ffn(
@@ -223,4 +252,5 @@ def serve(site: FFNSite, read: Callable[[Any], Any], decision: RoutedFFN) -> Any
         bias(down),
         activation=activation,
         implementation=implementation,
+        **dict(routing.options),
     )

@@ -180,7 +180,7 @@ def evaluate(
     for last, site in sorted(sites.items()):  # each site is served where its output is computed
         eqns = [jaxpr.eqns[i] for i in range(start, last) if i not in consumed]
         _interpret.run(eqns, env, _rules, context)
-        env[site.down.out] = serve(site, value, decisions[last])
+        env[site.down.out] = serve(site, value, decisions[last], routing)
         start = last + 1
     _interpret.run(jaxpr.eqns[start:], env, _rules, context)
     return [value(v) for v in jaxpr.outvars]

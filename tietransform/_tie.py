@@ -1,7 +1,7 @@
 """`tie`: the public transformation. Trace, rewrite the parameter reads, evaluate."""
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, overload
 
 import equinox as eqx
@@ -22,14 +22,32 @@ FuseFFN = bool | Implementation | None
 
 @overload
 def tie(
-    fn: TieSpec, spec: None = None, /, *, audit: bool = True, fuse_ffn: FuseFFN = None
+    fn: TieSpec,
+    spec: None = None,
+    /,
+    *,
+    audit: bool = True,
+    fuse_ffn: FuseFFN = None,
+    ffn_options: Mapping[str, Any] | None = None,
 ) -> Callable[[Callable], Callable]: ...
 @overload
 def tie(
-    fn: Callable, spec: TieSpec, /, *, audit: bool = True, fuse_ffn: FuseFFN = None
+    fn: Callable,
+    spec: TieSpec,
+    /,
+    *,
+    audit: bool = True,
+    fuse_ffn: FuseFFN = None,
+    ffn_options: Mapping[str, Any] | None = None,
 ) -> Callable: ...
 def tie(
-    fn: Any, spec: TieSpec | None = None, /, *, audit: bool = True, fuse_ffn: FuseFFN = None
+    fn: Any,
+    spec: TieSpec | None = None,
+    /,
+    *,
+    audit: bool = True,
+    fuse_ffn: FuseFFN = None,
+    ffn_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Make `fn` read one buffer per tie group.
 
@@ -50,6 +68,10 @@ def tie(
       serve. `False`: off. A string is passed to `kernels.ffn` as its `implementation`, and
       warns as `True` does. [`tietransform.ffn_routing_report`][] lists every FFN site found,
       with what served it and why.
+    - `ffn_options`: further keyword arguments of `kernels.ffn` for every site it serves
+      (`backend`, `config`, `block_m`, `block_h`), e.g. `{"config": kernels.CONFIGS["pipelined"]}`
+      to run one tuning config, or `{"backend": "gpu"}` to run the Mosaic GPU kernels in the
+      interpreter on CPU.
 
     **Returns:**
 
@@ -88,7 +110,7 @@ def tie(
     """
     if isinstance(fn, TieSpec) and spec is None:
         chosen = fn
-        return lambda f: tie(f, chosen, audit=audit, fuse_ffn=fuse_ffn)
+        return lambda f: tie(f, chosen, audit=audit, fuse_ffn=fuse_ffn, ffn_options=ffn_options)
     if not callable(fn):
         raise TypeError(f"tie: expected a function to tie, got {type(fn).__name__}.")
     if not isinstance(spec, TieSpec):
@@ -96,13 +118,14 @@ def tie(
             "tie needs a TieSpec: use `tie(fn, spec)` or the decorator `@tie(spec)`, got "
             f"{type(spec).__name__}."
         )
+    routing = routing_for(fuse_ffn, ffn_options)  # bad options fail here, not at the first call
     if not spec.groups:  # ties nothing (an ablation's "no sharing" arm): fn reads its params
         return fn
     chosen_spec: TieSpec = spec
 
     @functools.wraps(fn)
     def tied(packed: Any, *args: Any, **kwargs: Any) -> Any:
-        return _call(fn, chosen_spec, audit, routing_for(fuse_ffn), packed, args, kwargs)
+        return _call(fn, chosen_spec, audit, routing, packed, args, kwargs)
 
     return tied
 

@@ -234,3 +234,45 @@ def test_the_default_config_is_the_fastest_measured_config_of_the_committed_devi
         else:
             fastest = min(same_case, key=lambda r: r["ms"])["config"]
             assert chosen == CONFIGS[fastest], (case, fastest)
+
+
+def _two_block_loss(params, x):
+    """`h + relu(h @ w1 + b1) @ w2 + b2` for each of two blocks, applied in turn."""
+    h = x
+    for p in params["blocks"]:
+        h = h + jax.nn.relu(h @ p["w1"] + p["b1"][None, :]) @ p["w2"] + p["b2"][None, :]
+    return jnp.sum(h.astype(jnp.float32) ** 2)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_config_serves_a_tied_ffn_routed_from_tie_like_xla(name):
+    """`tie(..., fuse_ffn="interpret", ffn_options=...)` runs the config's Mosaic GPU kernel for
+    both blocks' shared FFN; values and gradients match the unrouted tie (XLA) in bfloat16.
+    (A tie inside `lax.scan` over a stack checkpoints its body, which the interpreter's
+    callbacks cannot go through on CPU; the compiled kernels have none.)"""
+    tt = pytest.importorskip("tietransform")
+    config = _interpreted(name)
+    d, hidden = 128, 256 if config.persistent else 128
+    keys = jax.random.split(jax.random.key(3), 5)
+    ffn = {
+        "w1": jax.random.normal(keys[0], (d, hidden)) / d**0.5,
+        "b1": jax.random.normal(keys[1], (hidden,)) / 4,
+        "w2": jax.random.normal(keys[2], (hidden, d)) / hidden**0.5,
+        "b2": jax.random.normal(keys[3], (d,)) / 4,
+    }
+    params = {"blocks": [jax.tree.map(lambda a: a.astype(jnp.bfloat16), ffn)] * 2}
+    x = jax.random.normal(keys[4], (40, d)).astype(jnp.bfloat16)
+    spec = tt.TieSpec(ffn="blocks[*]")
+    packed = tt.pack(params, spec)
+    options = {"backend": "gpu", "config": config, "block_h": hidden}
+    routed = tt.tie(_two_block_loss, spec, fuse_ffn="interpret", ffn_options=options)
+    plain = tt.tie(_two_block_loss, spec, fuse_ffn=False)
+    with tt.ffn_routing_report() as sites:
+        value, grads = jax.value_and_grad(routed)(packed, x)
+    assert [s.served_by for s in sites] == ["kernels.ffn[interpret]"] * 2
+    # The Mosaic GPU kernels (`mpmd_map`), not the TPU-style ones the CPU picks by default.
+    assert str(jax.make_jaxpr(routed)(packed, x)).count("mpmd_map[") == 2
+    ref_value, ref_grads = jax.value_and_grad(plain)(packed, x)
+    assert_close(value, ref_value, tolerance(jnp.bfloat16, grad=False), "loss")
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        assert_close(g, r, tolerance(jnp.bfloat16, grad=True), "gradient")
