@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from ._errors import format_type
-from ._record import RECORD_KEY, Layout, fingerprint, format_layout, record_key
+from ._record import RECORD_KEY, HashOnce, Layout, fingerprint, format_layout, record_key
 
 
 def _not_an_array(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -100,7 +100,7 @@ def _register(cls: type[_P]) -> type[_P]:
     into a target packed under another spec without a word, and `eqx.combine` would then give
     arrays of one layout the records of the other, which no later check could catch.
     """
-    fields = dataclasses.fields(cast(Any, cls))
+    fields = [f for f in dataclasses.fields(cast(Any, cls)) if f.name != "_aux"]
     data = tuple(f.name for f in fields if not f.metadata.get("static"))
     static = tuple(f.name for f in fields if f.metadata.get("static"))
 
@@ -113,11 +113,16 @@ def _register(cls: type[_P]) -> type[_P]:
         children = [(key(x, name), getattr(x, name)) for name in data]
         return children, tuple(getattr(x, name) for name in static)
 
-    # `flatten` runs for every placeholder on every jitted call: C-level attribute getters.
+    # `flatten` runs for every placeholder on every jitted call, and jit hashes the aux data it
+    # returns: C-level attribute getters, and one aux tuple per placeholder that hashes once.
     get_data, get_static = operator.attrgetter(*data, "__class__"), operator.attrgetter(*static)
 
     def flatten(x: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        return get_data(x)[:-1], get_static(x)
+        aux = x._aux
+        if aux is None:
+            aux = HashOnce(get_static(x))
+            object.__setattr__(x, "_aux", aux)
+        return get_data(x)[:-1], aux
 
     def unflatten(aux: tuple[Any, ...], children: Any) -> Any:
         return cls(**dict(zip(static, aux, strict=True)), **dict(zip(data, children, strict=True)))
@@ -151,6 +156,7 @@ class TiedLeaf(_Placeholder):
     weak_type: bool = _static()
     layout: Layout | None = _static(default=None, repr=False)
     record: Any = dataclasses.field(default=None, compare=False, repr=False)
+    _aux: Any = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -191,6 +197,7 @@ class StackedLeaf(_Placeholder):
     weak_type: bool = _static()
     layout: Layout | None = _static(default=None, repr=False)
     record: Any = dataclasses.field(default=None, repr=False)
+    _aux: Any = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))

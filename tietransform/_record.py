@@ -29,19 +29,21 @@ import jax
 import numpy as np
 
 
-class Layout(tuple):
-    """A hashable description of a layout, e.g. `("tie", "ffn", members, canonical, None)`.
-
-    A tuple whose hash is computed once: every placeholder carries its layout as static aux data,
-    so `jax.jit` and `eqx.filter_jit` hash it on every call, and a group's member list can be
-    long (a 32-block model: 124 placeholders of 32 members each, 0.1 ms per call uncached).
-    """
+class HashOnce(tuple):
+    """A tuple whose hash is computed once. Placeholders' static data is hashed by `jax.jit` and
+    `eqx.filter_jit` on every call, and a group's member list can be long (a 32-block model:
+    124 placeholders of 32 members each, 0.1 ms per call uncached)."""
 
     def __hash__(self) -> int:
         cached = self.__dict__.get("_hash")
         if cached is None:
             cached = self.__dict__["_hash"] = tuple.__hash__(self)
         return cached
+
+
+class Layout(HashOnce):
+    """A hashable description of a layout, e.g. `("tie", "ffn", members, canonical, None)`;
+    every placeholder carries one as static aux data."""
 
 
 RECORD_KEY = re.compile(r"^layout_[0-9a-f]{16}$")
