@@ -137,7 +137,8 @@ def test_describe_lists_groups_members_and_bytes_saved(tower):
     text = tt.describe(tt.pack(tower, SPEC), SPEC)
     mlp_bytes = (8 * 16 + 16 + 16 * 8 + 8) * 4
     assert "ffn" in text and "blocks[0].mlp" in text
-    assert f"saved {3 * mlp_bytes / 1024:.1f} KiB" in text
+    mlp_numbers = mlp_bytes // 4  # float32
+    assert f"saved {3 * mlp_numbers:,} ({3 * mlp_bytes / 1024:.1f} KiB)" in text
 
 
 def test_describe_accepts_the_full_model_too(tower):
@@ -160,7 +161,7 @@ def test_stack_without_slices_ties_every_slice_to_the_first():
     packed = tt.pack({"w": w}, spec)
     assert packed["w"].data.shape == (1, 2)
     np.testing.assert_array_equal(tt.unpack(packed, spec)["w"], jnp.broadcast_to(w[0], (4, 2)))
-    assert "saved 24 B" in tt.describe(packed, spec)
+    assert "saved 6 (24 B)" in tt.describe(packed, spec)  # 3 slices of 2 float32
 
 
 def test_describe_counts_the_tied_slices_of_a_stack_and_names_the_kept_one():
@@ -178,13 +179,13 @@ def test_describe_lists_each_stack_when_they_tie_different_slice_counts():
     text = tt.describe(params, tt.TieSpec(s=tt.stack("*.w")))
     assert text.splitlines()[1].split()[2:4] == ["4-6", "slices"]
     assert "s: slices 0-3 of a.w, 0-5 of b.w" in text
-    assert "saved 64 B" in text  # (3 + 5) slices of 2 float32
+    assert "saved 16 (64 B)" in text  # (3 + 5) slices of 2 float32
 
 
 def test_describe_of_a_spec_without_groups_says_nothing_is_tied():
     params = {"w": jnp.ones((4, 2)), "b": jnp.ones(2)}
     assert tt.describe(params, tt.TieSpec()) == (
-        "no tie groups: nothing is tied (parameters: 40 B)"
+        "no tie groups: nothing is tied (parameters: 10 (40 B))"
     )
 
 

@@ -12,8 +12,17 @@ from ._resolve import GroupPlan, Plan, flatten, plan_for
 from ._spec import TieSpec
 
 
+def _count(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
 def _nbytes(shape: tuple[int, ...], dtype: Any) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return _count(shape) * np.dtype(dtype).itemsize
+
+
+def _sizes(count: int, nbytes: int) -> str:
+    """`840 (3.3 KiB)`: how many numbers, and their bytes."""
+    return f"{count:,} ({_human(nbytes)})"
 
 
 def _human(n: float) -> str:
@@ -25,7 +34,8 @@ def _human(n: float) -> str:
 
 
 def describe(params: Any, spec: TieSpec) -> str:
-    """A table of the tie groups: members, tied leaves per member, and bytes saved.
+    """A table of the tie groups: members, tied leaves per member, and bytes saved; then the
+    parameter counts (numbers, and their bytes) of the packed and the unpacked model.
 
     **Arguments:**
 
@@ -44,13 +54,14 @@ def describe(params: Any, spec: TieSpec) -> str:
     group  kind  members  leaves/member  canonical      saved
     ffn    tie   4        4              blocks[0].mlp  6.5 KiB
       ffn: blocks[0].mlp, blocks[1].mlp, blocks[2].mlp, blocks[3].mlp
-    parameters: 3.3 KiB packed, 9.8 KiB unpacked (saved 6.5 KiB, 66.3%)
+    parameters: 840 (3.3 KiB) packed, 2,496 (9.8 KiB) unpacked (saved 1,656 (6.5 KiB), 66.3%)
     ```
     """
     keypaths, leaves, _ = flatten(params)
     if not spec.groups:
-        total = sum(_nbytes(*leaf_type(x)[:2]) for x in leaves if eqx.is_array(x))
-        return f"no tie groups: nothing is tied (parameters: {_human(total)})"
+        arrays = [leaf_type(x)[:2] for x in leaves if eqx.is_array(x)]
+        count, nbytes = sum(_count(s) for s, _ in arrays), sum(_nbytes(*a) for a in arrays)
+        return f"no tie groups: nothing is tied (parameters: {_sizes(count, nbytes)})"
     if not any(is_placeholder(x) for x in leaves):
         from ._pack import pack
 
@@ -60,6 +71,7 @@ def describe(params: Any, spec: TieSpec) -> str:
     plan = plan_for(spec, flat)
     layout = packed_layout(plan, leaves)
     saved = {g.name: 0 for g in plan.groups}
+    saved_count = 0
     tied_leaves = {g.name: 0 for g in plan.groups}
     for slot in layout.slots:
         tied_leaves[slot.group] += 1
@@ -67,15 +79,19 @@ def describe(params: Any, spec: TieSpec) -> str:
             r = leaves[reader]
             assert isinstance(r, TiedLeaf)
             saved[slot.group] += _nbytes(r.shape, r.dtype)
-    packed_bytes = 0
+            saved_count += _count(r.shape)
+    packed_bytes = packed_count = 0
     for index, leaf in enumerate(leaves):
         if isinstance(leaf, StackedLeaf):
             shape, dtype, _ = leaf_type(leaf.data)
             packed_bytes += _nbytes(shape, dtype)
+            packed_count += _count(shape)
             for name, tied in layout.stacks[index].slices.items():
                 saved[name] += (len(tied) - 1) * _nbytes(shape[1:], dtype)
+                saved_count += (len(tied) - 1) * _count(shape[1:])
         elif eqx.is_array(leaf):
             packed_bytes += _nbytes(*leaf_type(leaf)[:2])
+            packed_count += _count(leaf_type(leaf)[0])
     total_saved = sum(saved.values())
     stacked = {g.name: _stack_slices(layout, g) for g in plan.groups if g.kind == "stack"}
     rows = [("group", "kind", "members", "leaves/member", "canonical", "saved")]
@@ -121,8 +137,9 @@ def describe(params: Any, spec: TieSpec) -> str:
     unpacked = packed_bytes + total_saved
     fraction = total_saved / unpacked if unpacked else 0.0
     lines.append(
-        f"parameters: {_human(packed_bytes)} packed, {_human(unpacked)} unpacked "
-        f"(saved {_human(total_saved)}, {100 * fraction:.1f}%)"
+        f"parameters: {_sizes(packed_count, packed_bytes)} packed, "
+        f"{_sizes(packed_count + saved_count, unpacked)} unpacked "
+        f"(saved {_sizes(saved_count, total_saved)}, {100 * fraction:.1f}%)"
     )
     return "\n".join(lines)
 
