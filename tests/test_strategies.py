@@ -1,6 +1,8 @@
 """Sharing strategies (ALBERT, Relaxed Recursive Transformers, Mixture-of-Recursions) are the
 explicit tie groups they stand for, over a list of blocks and over a scanned stack."""
 
+import dataclasses
+
 import equinox as eqx
 import hypothesis
 import hypothesis.strategies as st
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 import tietransform as tt
-from tests.helpers import Stack, Tower, tower_loss
+from tests.helpers import Stack, Tower, assert_trees_close, tower_loss
 from tietransform.testing import check_tied
 
 
@@ -209,3 +211,34 @@ def test_averaging_with_require_equal_is_refused():
         tt.pack(floats, tt.TieSpec(g=tt.group("a", "b", init="average")), require_equal=True)
     with pytest.raises(ValueError, match="`init` must be one of"):
         tt.group("a", "b", init="mean")
+
+
+def test_convert_train_save_load_and_export_keep_the_tied_model(tmp_path, getkey):
+    """A converted model (cycle onto 2 blocks, averaged) trains, saves, loads into a skeleton of
+    the same spec, and exports to a dense untied model whose loss is the tied one's."""
+    optax = pytest.importorskip("optax")
+    layers, d = 4, 4
+    model = Stack(jax.random.normal(getkey(), (layers, d, d)) / 2)
+    shared = tt.share_layers("weight", "cycle", layers=layers, blocks=2, stacked=True)
+    spec = tt.TieSpec({k: dataclasses.replace(v, init="average") for k, v in shared.items()})
+    x = jax.random.normal(getkey(), (3, d))
+
+    def loss(m, x):
+        return jnp.sum(jax.vmap(m)(x) ** 2)
+
+    tied = tt.tie(loss, spec)
+    packed = tt.pack(model, spec)
+    optimizer = optax.sgd(1e-2)
+    state = optimizer.init(packed)
+    for _ in range(2):
+        updates, state = optimizer.update(jax.grad(tied)(packed, x), state)
+        packed = optax.apply_updates(packed, updates)
+    eqx.tree_serialise_leaves(tmp_path / "recursive.eqx", packed)
+    skeleton = eqx.filter_eval_shape(lambda: tt.pack(model, spec))
+    loaded = tt.tree_deserialise_leaves(tmp_path / "recursive.eqx", skeleton)
+    assert bool(eqx.tree_equal(loaded, packed))
+    dense = tt.unpack(loaded, spec)  # the export: an untied model, layer i holding block i % 2
+    np.testing.assert_array_equal(dense.weight[2], dense.weight[0])
+    np.testing.assert_array_equal(dense.weight[3], dense.weight[1])
+    # The same float32 program but for the tie's substitution; a sum of 12 squares.
+    assert_trees_close(tied(loaded, x), loss(dense, x), summands=x.size)
