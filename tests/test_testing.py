@@ -27,8 +27,8 @@ def test_check_tied_passes_a_correct_tie():
 def test_check_tied_reports_a_member_whose_gradient_is_dropped(monkeypatch):
     original = layout.full_leaves
 
-    def drop_member_gradients(plan, packed_layout, leaves, stacked=None):
-        out = original(plan, packed_layout, leaves, stacked)
+    def drop_member_gradients(plan, packed_layout, leaves, **reads):
+        out = original(plan, packed_layout, leaves, **reads)
         for slot in packed_layout.slots:
             for reader in slot.readers:
                 out[reader] = jax.lax.stop_gradient(out[reader])
@@ -42,8 +42,8 @@ def test_check_tied_reports_a_member_whose_gradient_is_dropped(monkeypatch):
 def test_check_tied_reports_a_wrong_value(monkeypatch):
     original = layout.full_leaves
 
-    def perturb(plan, packed_layout, leaves, stacked=None):
-        out = original(plan, packed_layout, leaves, stacked)
+    def perturb(plan, packed_layout, leaves, **reads):
+        out = original(plan, packed_layout, leaves, **reads)
         out[1] = out[1] * 1.001
         return out
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from ._errors import leaf_type
 from ._layout import PackedLayout, packed_layout
-from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder
+from ._placeholders import RelaxedLeaf, StackedLeaf, TiedLeaf, is_placeholder
 from ._resolve import GroupPlan, Plan, flatten, plan_for
 from ._spec import TieSpec
 
@@ -80,15 +80,42 @@ def describe(params: Any, spec: TieSpec) -> str:
             assert isinstance(r, TiedLeaf)
             saved[slot.group] += _nbytes(r.shape, r.dtype)
             saved_count += _count(r.shape)
+    factors = {g.name: 0 for g in plan.groups}  # relaxed groups' factor parameters
+    for slot in layout.relaxed:
+        tied_leaves[slot.group] += 1
+        saved[slot.group] += len(slot.readers) * _nbytes(
+            *leaf_type(leaves[slot.canonical].shared)[:2]
+        )
+        saved_count += len(slot.readers) * _count(leaf_type(leaves[slot.canonical].shared)[0])
+        for member in (slot.canonical, *slot.readers):
+            for factor in _factors(leaves[member]):
+                factors[slot.group] += _count(leaf_type(factor)[0])
+                saved[slot.group] -= _nbytes(*leaf_type(factor)[:2])
+                saved_count -= _count(leaf_type(factor)[0])
     packed_bytes = packed_count = 0
     for index, leaf in enumerate(leaves):
         if isinstance(leaf, StackedLeaf):
             shape, dtype, _ = leaf_type(leaf.data)
             packed_bytes += _nbytes(shape, dtype)
             packed_count += _count(shape)
-            for name, tied in layout.stacks[index].slices.items():
+            stack = layout.stacks[index]
+            for name, tied in stack.slices.items():
                 saved[name] += (len(tied) - 1) * _nbytes(shape[1:], dtype)
                 saved_count += (len(tied) - 1) * _count(shape[1:])
+            for factor in _factors(leaf):  # stored, not saved: each group its slices' rows
+                (rows, *row_shape), factor_dtype = leaf_type(factor)[:2]
+                packed_bytes += _nbytes((rows, *row_shape), factor_dtype)
+                packed_count += rows * _count(tuple(row_shape))
+                for name in stack.relaxed:
+                    count = len(stack.slices[name]) * _count(tuple(row_shape))
+                    factors[name] += count
+                    saved[name] -= count * np.dtype(factor_dtype).itemsize
+                    saved_count -= count
+        elif isinstance(leaf, RelaxedLeaf):
+            for array in (leaf.shared, *_factors(leaf)):
+                if array is not None:
+                    packed_bytes += _nbytes(*leaf_type(array)[:2])
+                    packed_count += _count(leaf_type(array)[0])
         elif eqx.is_array(leaf):
             packed_bytes += _nbytes(*leaf_type(leaf)[:2])
             packed_count += _count(leaf_type(leaf)[0])
@@ -134,6 +161,11 @@ def describe(params: Any, spec: TieSpec) -> str:
             lines.append(f"  {g.name}: {', '.join(shown)}{_chain_note(plan, layout, g)}")
         if getattr(spec.groups.get(g.name), "init", None) == "average":
             lines[-1] += " (init='average': tt.pack stores the members' mean)"
+        if g.relax is not None:
+            lines.append(
+                f"    relaxed ({g.relax.describe()}): each member reads W + B @ A on its "
+                f"matrices; {factors[g.name]:,} factor parameters"
+            )
     unpacked = packed_bytes + total_saved
     fraction = total_saved / unpacked if unpacked else 0.0
     lines.append(
@@ -142,6 +174,13 @@ def describe(params: Any, spec: TieSpec) -> str:
         f"(saved {_sizes(saved_count, total_saved)}, {100 * fraction:.1f}%)"
     )
     return "\n".join(lines)
+
+
+def _factors(leaf: Any) -> list[Any]:
+    """The low-rank factors a relaxed placeholder stores (none for strict ones)."""
+    return [
+        f for f in (getattr(leaf, "lora_b", None), getattr(leaf, "lora_a", None)) if f is not None
+    ]
 
 
 def _chain_note(plan: Plan, layout: PackedLayout, group: GroupPlan) -> str:

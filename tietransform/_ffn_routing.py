@@ -195,6 +195,17 @@ def decide(site: FFNSite, routing: Routing) -> RoutedFFN:
     return decision
 
 
+def left_to_xla(site: FFNSite, reason: str) -> RoutedFFN:
+    """A site no kernel serves, for a reason of tie's own (e.g. a relaxed tie); reported."""
+    decision = RoutedFFN(
+        shape=describe(site), activation=site.activation.name, implementation=None, reason=reason
+    )
+    report = _report.get()
+    if report is not None:
+        report.append(decision)
+    return decision
+
+
 def _known_activation(eqn: Any, invals: list[Any], context: Any) -> list[Any]:
     """A `custom_jvp` activation of `jax.nn` (`_ffn_match.KNOWN_CUSTOM_ACTIVATIONS`)."""
     return [KNOWN_CUSTOM_ACTIVATIONS[_compat.jax_nn_custom_jvp_name(eqn) or ""](*invals)]

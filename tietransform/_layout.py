@@ -14,7 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._errors import describe_leaf, format_type, leaf_type
-from ._placeholders import StackedLeaf, TiedLeaf, is_placeholder, is_restored_placeholder
+from ._lowrank import check_rank, delta, is_relaxable, stacked_deltas
+from ._placeholders import (
+    RelaxedLeaf,
+    StackedLeaf,
+    TiedLeaf,
+    is_placeholder,
+    is_restored_placeholder,
+)
 from ._record import (
     RECORD_NDIM,
     Layout,
@@ -25,6 +32,7 @@ from ._record import (
     record_bits,
     record_of,
     record_shape,
+    relaxed_layout,
     stack_layout,
     tie_layout,
 )
@@ -46,14 +54,26 @@ class StackLayout:
     rows: tuple[int, ...]
     groups: tuple[str, ...]
     slices: dict[str, tuple[int, ...]]
+    relaxed: dict[str, StackSlot] = dataclasses.field(default_factory=dict)
+    """The relaxed groups (`tt.relaxed`) on this array: each of their slices has a delta."""
+
+    @property
+    def factor_rows(self) -> tuple[int, ...] | None:
+        """Slice `i`'s row of the factors (`-1`: no delta); `None` when nothing is relaxed."""
+        if not self.relaxed:
+            return None
+        relaxed = sorted(i for g in self.relaxed for i in self.slices[g])
+        return tuple(relaxed.index(i) if i in relaxed else -1 for i in range(len(self.rows)))
 
 
 @dataclasses.dataclass(frozen=True)
 class FullLayout:
-    """What `pack` stores for a full model: the tie slots that hold arrays, and the stacks."""
+    """What `pack` stores for a full model: the tie slots that hold arrays (strict ones in
+    `slots`, relaxed matrices in `relaxed`), and the stacks."""
 
     slots: tuple[TieSlot, ...]
     stacks: dict[int, StackLayout]
+    relaxed: tuple[TieSlot, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +85,14 @@ class PackedLayout:
     slots: tuple[TieSlot, ...]
     stacks: dict[int, StackLayout]
     mapped: dict[str, int] = dataclasses.field(default_factory=dict)
+    relaxed: tuple[TieSlot, ...] = ()
 
 
-def record_holders(slots: Sequence[TieSlot]) -> dict[str, int]:
-    """The leaf that holds each tie group's layout record: the group's first placeholder."""
+def record_holders(slots: Sequence[TieSlot], relaxed: Sequence[TieSlot] = ()) -> dict[str, int]:
+    """The leaf that holds each tie group's layout record: the group's first placeholder (a
+    reader of its first slot, strict slots before relaxed ones)."""
     holders: dict[str, int] = {}
-    for slot in slots:
+    for slot in (*slots, *relaxed):
         if slot.readers:
             holders.setdefault(slot.group, slot.readers[0])
     return holders
@@ -97,6 +119,21 @@ _CAST_INSIDE = (
 def _types_listing(plan: Plan, leaves: Sequence[Any], indices: Sequence[int]) -> str:
     width = max(len(plan.paths[i]) for i in indices)
     return "\n".join(f"  {plan.paths[i]:<{width}}  {describe_leaf(leaves[i])}" for i in indices)
+
+
+def _slot_kind(plan: Plan, slot: TieSlot, leaves: Sequence[Any]) -> str | None:
+    """Checks one slot of a full model: `"strict"`, `"relaxed"` (a matrix of a relaxed group),
+    or `None` for a slot left alone (no arrays; a non-matrix of a relaxed group with
+    `others="own"`)."""
+    if not _check_slot(plan, slot, leaves):
+        return None
+    if slot.relax is None:
+        return "strict"
+    shape, dtype, _ = leaf_type(leaves[slot.canonical])
+    if not is_relaxable(shape, dtype, stacked=False):
+        return "strict" if slot.relax.others == "shared" else None
+    check_rank(slot.relax, slot.group, plan.paths[slot.canonical], shape)
+    return "relaxed"
 
 
 def _check_slot(plan: Plan, slot: TieSlot, leaves: Sequence[Any]) -> bool:
@@ -177,8 +214,27 @@ def _stack_layouts(plan: Plan, leaves: Sequence[Any]) -> dict[int, StackLayout]:
                 f"tt.stack group {stacks[0].group!r} selects {path} ({describe_leaf(x)}), which is "
                 "not a stacked array; stacked ties need an array with a leading axis."
             )
-        layouts[leaf] = _stack_layout(stacks, path, leaf_type(x)[0][0])
+        shape, dtype, _ = leaf_type(x)
+        stacks = _kept_stack_slots(stacks, shape, dtype)
+        if stacks:
+            layouts[leaf] = _stack_layout(stacks, path, shape[0], shape)
     return layouts
+
+
+def _kept_stack_slots(
+    stacks: Sequence[StackSlot], shape: tuple[int, ...], dtype: Any
+) -> list[StackSlot]:
+    """The stack slots that tie this array: a relaxed group ties a non-matrix array strictly
+    (`others="shared"`) or not at all (`others="own"`)."""
+    relaxable = is_relaxable(shape, dtype, stacked=True)
+    kept = []
+    for stack in stacks:
+        if stack.relax is not None and not relaxable:
+            if stack.relax.others == "own":
+                continue
+            stack = dataclasses.replace(stack, relax=None)
+        kept.append(stack)
+    return kept
 
 
 def _stacks_by_leaf(plan: Plan) -> dict[int, list[StackSlot]]:
@@ -188,8 +244,20 @@ def _stacks_by_leaf(plan: Plan) -> dict[int, list[StackSlot]]:
     return by_leaf
 
 
-def _stack_layout(stacks: Sequence[StackSlot], path: str, length: int) -> StackLayout:
+def _stack_layout(
+    stacks: Sequence[StackSlot], path: str, length: int, shape: tuple[int, ...] = ()
+) -> StackLayout:
     """How the stacked array at `path`, with leading axis `length`, is stored under `stacks`."""
+    ranks = {s.relax.rank for s in stacks if s.relax is not None}
+    if len(ranks) > 1:
+        raise ValueError(
+            f"Relaxed tie groups {[s.group for s in stacks if s.relax is not None]} on {path} "
+            f"have different ranks {sorted(ranks)}; the slices of one stacked array share one "
+            "rank. Give them the same `tt.relaxed(rank)`."
+        )
+    for stack in stacks:
+        if stack.relax is not None:
+            check_rank(stack.relax, stack.group, path, shape)
     source = list(range(length))
     slices: dict[str, tuple[int, ...]] = {}
     claimed: dict[int, str] = {}
@@ -224,7 +292,8 @@ def _stack_layout(stacks: Sequence[StackSlot], path: str, length: int) -> StackL
         slices[stack.group] = normal
     kept = tuple(sorted(set(source)))
     rows = tuple(kept.index(s) for s in source)
-    return StackLayout(kept, rows, tuple(s.group for s in stacks), slices)
+    relaxed = {s.group: s for s in stacks if s.relax is not None}
+    return StackLayout(kept, rows, tuple(s.group for s in stacks), slices, relaxed)
 
 
 def _normalise_slices(stack: StackSlot, path: str, length: int) -> tuple[int, ...]:
@@ -254,8 +323,10 @@ def full_layout(plan: Plan, leaves: Sequence[Any]) -> FullLayout:
                 f"These params are already packed ({path} is {leaf!r}); pass them to "
                 "`tt.unpack` or to the tied function instead."
             )
-    slots = tuple(slot for slot in plan.slots if _check_slot(plan, slot, leaves))
-    return FullLayout(slots, _stack_layouts(plan, leaves))
+    kinds = [_slot_kind(plan, slot, leaves) for slot in plan.slots]
+    slots = tuple(slot for slot, kind in zip(plan.slots, kinds, strict=True) if kind == "strict")
+    relaxed = tuple(s for s, kind in zip(plan.slots, kinds, strict=True) if kind == "relaxed")
+    return FullLayout(slots, _stack_layouts(plan, leaves), relaxed)
 
 
 def _show(leaf: Any) -> str:
@@ -267,7 +338,12 @@ def tie_layouts(plan: Plan) -> dict[str, Layout]:
     fns = {slot.group: slot.fn for slot in plan.slots}
     return {
         g.name: tie_layout(
-            g.kind, g.name, [m.path for m in g.members], g.canonical.path, fns.get(g.name)
+            g.kind,
+            g.name,
+            [m.path for m in g.members],
+            g.canonical.path,
+            fns.get(g.name),
+            None if g.relax is None else relaxed_layout(g.relax.rank, g.relax.others),
         )
         for g in plan.groups
         if g.kind != "stack"
@@ -277,7 +353,12 @@ def tie_layouts(plan: Plan) -> dict[str, Layout]:
 def stack_record_layout(stack: StackLayout) -> Layout:
     """The layout a `StackedLeaf` packed as `stack` records."""
     kept = {g: stack.kept[stack.rows[tied[0]]] for g, tied in stack.slices.items()}
-    return stack_layout(len(stack.rows), stack.slices, kept)
+    relaxed = {
+        g: relaxed_layout(s.relax.rank, s.relax.others)
+        for g, s in stack.relaxed.items()
+        if s.relax is not None
+    }
+    return stack_layout(len(stack.rows), stack.slices, kept, relaxed)
 
 
 def refuse_restored_without_target(plan: Plan, leaves: Sequence[Any]) -> None:
@@ -366,10 +447,19 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
     """
     refuse_restored_without_target(plan, leaves)
     layouts = tie_layouts(plan)
-    slots = []
+    slots, relaxed = [], []
     mapped: dict[str, int] = {}
     expected_placeholders: set[int] = set()
     for slot in plan.slots:
+        kind = _packed_relaxed_kind(slot, leaves)
+        if kind == "relaxed":
+            axes = _check_relaxed_slot(plan, slot, leaves, layouts[slot.group])
+            mapped.setdefault(slot.group, axes)
+            expected_placeholders.update((slot.canonical, *slot.readers))
+            relaxed.append(slot)
+            continue
+        if kind == "own":
+            continue
         readers = [leaves[r] for r in slot.readers]
         canonical = leaves[slot.canonical]
         if not any(is_placeholder(r) or eqx.is_array(r) for r in readers):
@@ -414,11 +504,12 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
                     )
         expected_placeholders.update(slot.readers)
         slots.append(slot)
-    stacks = {
+    checked = {
         leaf: _check_stacked_leaf(plan.paths[leaf], leaves[leaf], stack_slots)
         for leaf, stack_slots in sorted(_stacks_by_leaf(plan).items())
         if eqx.is_array(leaves[leaf]) or is_placeholder(leaves[leaf])
     }
+    stacks = {leaf: stack for leaf, stack in checked.items() if stack is not None}
     expected_placeholders.update(stacks)
     for index, (path, leaf) in enumerate(zip(plan.paths, leaves, strict=True)):
         if is_placeholder(leaf) and index not in expected_placeholders:
@@ -428,11 +519,84 @@ def packed_layout(plan: Plan, leaves: Sequence[Any]) -> PackedLayout:
                 f"{_REPACK} {_CONVERT}"
             )
     # The structure fits; now the records (data, e.g. from a file) must be this spec's too.
-    for group, holder in record_holders(slots).items():
+    for group, holder in record_holders(slots, relaxed).items():
         _check_record(plan.paths[holder], leaves[holder], layouts[group])
     for leaf, stack in stacks.items():
         _check_record(plan.paths[leaf], leaves[leaf], stack_record_layout(stack))
-    return PackedLayout(tuple(slots), stacks, mapped)
+    return PackedLayout(tuple(slots), stacks, mapped, tuple(relaxed))
+
+
+def _packed_relaxed_kind(slot: TieSlot, leaves: Sequence[Any]) -> str | None:
+    """For a slot of a relaxed group: `"relaxed"` for a matrix (its members are
+    `RelaxedLeaf`s), `"own"` for a non-matrix kept per member, `None` to check it as a strict
+    slot (any slot of a strict group, a non-matrix tied strictly)."""
+    if slot.relax is None:
+        return None
+    canonical = leaves[slot.canonical]
+    if isinstance(canonical, RelaxedLeaf):
+        shape, dtype = canonical.shape, canonical.dtype
+    elif eqx.is_array(canonical):
+        shape, dtype, _ = leaf_type(canonical)
+    else:
+        return None  # a placeholder of another kind, or a non-array: the strict checks refuse it
+    if is_relaxable(shape, dtype, stacked=False):
+        return "relaxed"
+    return "own" if slot.relax.others == "own" else None
+
+
+def _check_relaxed_slot(plan: Plan, slot: TieSlot, leaves: Sequence[Any], layout: Layout) -> int:
+    """Checks the `RelaxedLeaf`s of one relaxed matrix; returns its mapped axes (`jax.vmap`)."""
+    assert slot.relax is not None
+    source = plan.paths[slot.canonical]
+
+    def refuse(index: int, what: str) -> None:
+        raise ValueError(
+            f"The packed params do not match the spec: {plan.paths[index]} holds "
+            f"{_show(leaves[index])} where relaxed tie group {slot.group!r} expects {what}."
+            f"{_packed_under(leaves, [layout])}{_REPACK} {_CONVERT}"
+        )
+
+    for index in (slot.canonical, *slot.readers):
+        value = leaves[index]
+        holds = index == slot.canonical
+        want = (
+            "a RelaxedLeaf holding the shared W"
+            if holds
+            else f"a RelaxedLeaf reading W at {source}"
+        )
+        if not (
+            isinstance(value, RelaxedLeaf)
+            and value.group == slot.group
+            and value.source == source
+            and (value.shared is not None) == holds
+        ):
+            refuse(index, want)
+    canonical = leaves[slot.canonical]
+    if not eqx.is_array(canonical.shared):
+        refuse(slot.canonical, "an array as its shared W")
+    holder = leaves[slot.readers[0]] if slot.readers else canonical
+    axes = _mapped_axes(holder.record) if slot.readers else 0
+    w_shape = leaf_type(canonical.shared)[0]
+    m, n = canonical.shape
+    rank = slot.relax.rank
+    if w_shape[axes:] != (m, n):
+        raise ValueError(
+            f"The packed params do not match the spec: the shared W of relaxed tie group "
+            f"{slot.group!r} at {source} is {describe_leaf(canonical.shared)}, but was packed as "
+            f"{format_type((m, n), canonical.dtype)}. {_REPACK} {_RESIZE}"
+        )
+    for index in (slot.canonical, *slot.readers):
+        value = leaves[index]
+        for name, want_shape in (("lora_b", (m, rank)), ("lora_a", (rank, n))):
+            factor = getattr(value, name)
+            if not eqx.is_array(factor) or leaf_type(factor)[0][axes:] != want_shape:
+                raise ValueError(
+                    f"The packed params do not match the spec: {plan.paths[index]}.{name} is "
+                    f"{describe_leaf(factor)}, but relaxed tie group {slot.group!r} (rank "
+                    f"{rank}) needs {format_type(want_shape, canonical.dtype)} for the "
+                    f"{m}x{n} matrix. {_REPACK} {_CONVERT}"
+                )
+    return axes
 
 
 def _refuse_view_mixing_ensemble_members(plan: Plan, slot: TieSlot, canonical: Any) -> None:
@@ -458,8 +622,17 @@ def _refuse_view_mixing_ensemble_members(plan: Plan, slot: TieSlot, canonical: A
         )
 
 
-def _check_stacked_leaf(path: str, value: Any, stacks: Sequence[StackSlot]) -> StackLayout:
-    """The layout of `value`; raises unless it is the `StackedLeaf` packing under `stacks` gives."""
+def _check_stacked_leaf(path: str, value: Any, stacks: Sequence[StackSlot]) -> StackLayout | None:
+    """The layout of `value`; raises unless it is the `StackedLeaf` packing under `stacks` gives.
+    `None` for an array that the spec leaves untied (a non-matrix of a relaxed stack with
+    `others="own"`)."""
+    if isinstance(value, StackedLeaf) and eqx.is_array(value.data):
+        full, dtype = (len(value.rows), *leaf_type(value.data)[0][1:]), leaf_type(value.data)[1]
+        stacks = _kept_stack_slots(stacks, full, dtype)
+    elif eqx.is_array(value) and leaf_type(value)[0]:
+        stacks = _kept_stack_slots(stacks, *leaf_type(value)[:2])
+    if not stacks:
+        return None
     groups = {s.group for s in stacks}
     if not isinstance(value, StackedLeaf) or set(value.groups) != groups:
         raise ValueError(
@@ -467,7 +640,8 @@ def _check_stacked_leaf(path: str, value: Any, stacks: Sequence[StackSlot]) -> S
             f"{_show(value)} where tie groups {sorted(groups)} expect a StackedLeaf. "
             f"{_REPACK} {_CONVERT}"
         )
-    expected = _stack_layout(stacks, path, len(value.rows))
+    full = (len(value.rows), *(leaf_type(value.data)[0][1:] if eqx.is_array(value.data) else ()))
+    expected = _stack_layout(stacks, path, len(value.rows), full)
     if value.rows != expected.rows:
         raise ValueError(
             f"The packed params do not match the spec: {path} was packed with other tied slices "
@@ -484,7 +658,39 @@ def _check_stacked_leaf(path: str, value: Any, stacks: Sequence[StackSlot]) -> S
             f"{len(expected.kept)} stored rows (a leading axis of {len(expected.kept)}). "
             f"{_REPACK}"
         )
+    _check_stacked_factors(path, value, expected, shape)
     return expected
+
+
+def _check_stacked_factors(
+    path: str, value: StackedLeaf, expected: StackLayout, shape: tuple[int, ...]
+) -> None:
+    """The factors of a relaxed stack: `(T, m, r)` and `(T, r, n)`, one row per relaxed slice."""
+    if value.factor_rows != expected.factor_rows:
+        have = "no relaxed slices" if value.factor_rows is None else "other relaxed slices"
+        want = (
+            "none" if expected.factor_rows is None else f"factor rows {list(expected.factor_rows)}"
+        )
+        raise ValueError(
+            f"The packed params do not match the spec: {path} was packed with {have} "
+            f"(factor rows {value.factor_rows}); this spec relaxes {want}.\n"
+            f"  packed under: {format_layout(value.layout)}\n"
+            f"  this spec:    {format_layout(stack_record_layout(expected))}\n{_CONVERT}"
+        )
+    if expected.factor_rows is None:
+        return
+    (relax,) = {s.relax for s in expected.relaxed.values()} or {None}
+    assert relax is not None
+    count = sum(r >= 0 for r in expected.factor_rows)
+    m, n = shape[1:]
+    for name, want in (("lora_b", (count, m, relax.rank)), ("lora_a", (count, relax.rank, n))):
+        factor = getattr(value, name)
+        if not eqx.is_array(factor) or leaf_type(factor)[0] != want:
+            raise ValueError(
+                f"The packed params do not match the spec: {path}.{name} is "
+                f"{describe_leaf(factor)}, but its {count} relaxed slices of rank {relax.rank} "
+                f"need {format_type(want, leaf_type(value.data)[1])}. {_REPACK} {_CONVERT}"
+            )
 
 
 def check_view_output(
@@ -517,13 +723,25 @@ def full_leaves(
     layout: PackedLayout,
     leaves: Sequence[Any],
     stacked: Callable[[StackedLeaf], Any] | None = None,
+    relaxed: Callable[[Any, RelaxedLeaf], Any] | None = None,
 ) -> list[Any]:
     """The leaves of the full model, computed from packed `leaves`.
 
     Members of a plain tie get the canonical leaf itself (the same object, or tracer); view
-    members get `fn(canonical)`; stacked leaves get `stacked(leaf)` (default: `take_rows`).
+    members get `fn(canonical)`; stacked leaves get `stacked(leaf)` (default: `take_rows`, plus
+    each relaxed slice's delta); relaxed members get `relaxed(W, leaf)` (default:
+    `W + leaf.lora_b @ leaf.lora_a`).
     """
     out = list(leaves)
+    for slot in layout.relaxed:
+        shared = leaves[slot.canonical].shared
+        for member in (slot.canonical, *slot.readers):
+            leaf = leaves[member]
+            out[member] = (
+                relaxed(shared, leaf)
+                if relaxed is not None
+                else shared + delta(leaf.lora_b, leaf.lora_a, leaf_type(shared)[1])
+            )
     for slot in layout.slots:
         source = leaves[slot.canonical]
         for reader in slot.readers:
@@ -536,9 +754,16 @@ def full_leaves(
                 out[reader] = value
     for leaf in layout.stacks:
         stacked_leaf = leaves[leaf]
-        out[leaf] = (
-            stacked(stacked_leaf)
-            if stacked is not None
-            else take_rows(stacked_leaf.data, stacked_leaf.rows)
-        )
+        if stacked is not None:
+            out[leaf] = stacked(stacked_leaf)
+        elif stacked_leaf.factor_rows is not None:
+            out[leaf] = stacked_deltas(
+                stacked_leaf.data,
+                stacked_leaf.rows,
+                stacked_leaf.lora_b,
+                stacked_leaf.lora_a,
+                stacked_leaf.factor_rows,
+            )
+        else:
+            out[leaf] = take_rows(stacked_leaf.data, stacked_leaf.rows)
     return out

@@ -18,7 +18,8 @@ from ._layout import (
     stack_record_layout,
     tie_layouts,
 )
-from ._placeholders import StackedLeaf, TiedLeaf
+from ._lowrank import init_factors
+from ._placeholders import RelaxedLeaf, StackedLeaf, TiedLeaf
 from ._record import fingerprint, new_record, record_lead
 from ._resolve import Plan, flatten, plan_for
 from ._spec import TieSpec
@@ -79,12 +80,14 @@ def pack(
     if require_equal:
         _check_equal(plan, layout, leaves)
     out = [_copy(x) if copy else x for x in leaves]
-    for slot in layout.slots:
+    for slot in (*layout.slots, *layout.relaxed):
         if slot.group in averaged:
             members = [slot.canonical, *slot.readers]
             out[slot.canonical] = _mean([leaves[i] for i in members])
     layouts = tie_layouts(plan)
-    holders = record_holders(layout.slots)
+    holders = record_holders(layout.slots, layout.relaxed)
+    for slot in layout.relaxed:
+        _pack_relaxed(plan, slot, leaves, out, layouts[slot.group], holders)
     for slot in layout.slots:
         source, group_layout = plan.paths[slot.canonical], layouts[slot.group]
         for reader in slot.readers:
@@ -117,6 +120,9 @@ def pack(
                 rows = [leaves[leaf][i] for i in tied]
                 data = data.at[row].set(_mean(rows))
         recorded = stack_record_layout(stack)
+        factors: dict[str, Any] = {}
+        if stack.factor_rows is not None:
+            factors = _stacked_factors(leaves[leaf], data, stack, leaf)
         out[leaf] = StackedLeaf(
             data,
             stack.rows,
@@ -124,8 +130,56 @@ def pack(
             leaf_type(leaves[leaf])[2],
             layout=recorded,
             record=new_record(fingerprint(recorded), len(stack.kept)),
+            factor_rows=stack.factor_rows,
+            **factors,
         )
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _pack_relaxed(
+    plan: Plan,
+    slot: Any,
+    leaves: list[Any],
+    out: list[Any],
+    layout: Any,
+    holders: dict[str, int],
+) -> None:
+    """Stores a relaxed matrix: the shared `W` (already in `out[slot.canonical]`) on the
+    canonical member's `RelaxedLeaf`, and each member's factors of its residual `W_l - W`."""
+    members = (slot.canonical, *slot.readers)
+    shared = out[slot.canonical]
+    shape, dtype, _ = leaf_type(shared)
+    residuals = jnp.stack([jnp.asarray(leaves[i], dtype) - shared for i in members])
+    b, a = init_factors(residuals, slot.relax, members[0], dtype)
+    source = plan.paths[slot.canonical]
+    for position, member in enumerate(members):
+        record = None
+        if holders.get(slot.group) == member:
+            record = new_record(fingerprint(layout), record_lead(shape))
+        out[member] = RelaxedLeaf(
+            shared if member == slot.canonical else None,
+            b[position],
+            a[position],
+            slot.group,
+            source,
+            *leaf_type(leaves[member]),
+            layout=layout,
+            record=record,
+        )
+
+
+def _stacked_factors(full: Any, data: Any, stack: Any, salt: int) -> dict[str, Any]:
+    """The factors of a relaxed stack: one row per relaxed slice `i`, from its residual
+    `full[i] - data[rows[i]]`."""
+    assert stack.factor_rows is not None
+    slices = [i for i, f in enumerate(stack.factor_rows) if f >= 0]
+    (relax,) = {s.relax for s in stack.relaxed.values()}
+    dtype = leaf_type(data)[1]
+    index = np.asarray(slices, np.int32)
+    rows = np.asarray([stack.rows[i] for i in slices], np.int32)
+    residuals = jnp.take(jnp.asarray(full), index, axis=0) - jnp.take(data, rows, axis=0)
+    b, a = init_factors(residuals, relax, salt, dtype)
+    return {"lora_b": b, "lora_a": a}
 
 
 def unpack(packed: PyTree, spec: TieSpec) -> PyTree:

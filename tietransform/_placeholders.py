@@ -189,6 +189,11 @@ class StackedLeaf(_Placeholder):
     - `weak_type`: static, whether the full array is weakly typed.
     - `layout`: static, the layout it was packed under (each group's slices and kept slice).
     - `record`: its layout record, as for [`tietransform.TiedLeaf`][].
+    - `lora_b`, `lora_a`: for relaxed groups (`tt.relaxed`), the factors of shape `(T, m, r)`
+      and `(T, r, n)`, one row per relaxed slice; `None` otherwise.
+    - `factor_rows`: static, length `L`: slice `i` reads
+      `data[rows[i]] + lora_b[f] @ lora_a[f]` with `f = factor_rows[i]`, or has no delta where
+      `f == -1`; `None` when no group on the array is relaxed.
     """
 
     data: Any
@@ -197,12 +202,17 @@ class StackedLeaf(_Placeholder):
     weak_type: bool = _static()
     layout: Layout | None = _static(default=None, repr=False)
     record: Any = dataclasses.field(default=None, repr=False)
+    lora_b: Any = dataclasses.field(default=None, repr=False)
+    lora_a: Any = dataclasses.field(default=None, repr=False)
+    factor_rows: tuple[int, ...] | None = _static(default=None, repr=False)
     _aux: Any = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
         object.__setattr__(self, "groups", tuple(self.groups))
         object.__setattr__(self, "weak_type", bool(self.weak_type))
+        if self.factor_rows is not None:
+            object.__setattr__(self, "factor_rows", tuple(int(r) for r in self.factor_rows))
 
     @property
     def fingerprint(self) -> str | None:
@@ -212,26 +222,84 @@ class StackedLeaf(_Placeholder):
         data = self.data
         if hasattr(data, "shape") and hasattr(data, "dtype"):
             full = format_type((len(self.rows), *data.shape[1:]), data.dtype, self.weak_type)
+            shape = getattr(self.lora_b, "shape", None)
+            relaxed = (
+                ""
+                if self.factor_rows is None
+                else ", relaxed" + (f" rank {shape[-1]}" if shape else "")
+            )
             return (
                 f"StackedLeaf({full}, groups={self.groups}, rows {list(self.rows)} of "
-                f"data {format_type(data.shape, data.dtype)})"
+                f"data {format_type(data.shape, data.dtype)}{relaxed})"
             )
         return f"StackedLeaf(groups={self.groups}, rows {list(self.rows)}, data={data!r})"
 
 
+@_register
+@dataclasses.dataclass(frozen=True, eq=False, repr=False, slots=True)
+class RelaxedLeaf(_Placeholder):
+    """A member of a relaxed tie group (`tt.relaxed`): it reads `W + lora_b @ lora_a`.
+
+    Compared by identity, as arrays are.
+
+    **Attributes:**
+
+    - `shared`: the group's buffer `W`, shape `(m, n)`, on the canonical member; `None` on the
+      others.
+    - `lora_b`, `lora_a`: this member's factors, shapes `(m, r)` and `(r, n)`.
+    - `group`: static, the tie group's name.
+    - `source`: static, the path of the canonical member (where `W` lives).
+    - `shape`, `dtype`, `weak_type`: static, the type this leaf has when unpacked.
+    - `layout`: static, the layout it was packed under.
+    - `record`: the group's layout record on the group's first placeholder, else `None`.
+    """
+
+    shared: Any
+    lora_b: Any
+    lora_a: Any
+    group: str = _static()
+    source: str = _static()
+    shape: tuple[int, ...] = _static()
+    dtype: np.dtype = _static()
+    weak_type: bool = _static()
+    layout: Layout | None = _static(default=None, repr=False)
+    record: Any = dataclasses.field(default=None, repr=False)
+    _aux: Any = dataclasses.field(default=None, init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        object.__setattr__(self, "weak_type", bool(self.weak_type))
+
+    @property
+    def fingerprint(self) -> str | None:
+        return None if self.layout is None else fingerprint(self.layout)
+
+    def __repr__(self) -> str:
+        kind = format_type(self.shape, self.dtype, self.weak_type)
+        shape = getattr(self.lora_b, "shape", None)
+        delta = f"rank-{shape[-1]} delta" if shape else "low-rank delta"
+        holds = "holds W" if self.shared is not None else f"reads W at {self.source}"
+        return f"RelaxedLeaf({kind}, group={self.group!r}, {holds}, + {delta})"
+
+
 def is_restored_placeholder(x: Any) -> bool:
     """Whether `x` is what a checkpointer restoring *without a target* makes of a placeholder:
-    a plain dict holding its layout record under its key `layout_<fingerprint>` (and `data`)."""
-    if type(x) is not dict or not x or len(x) > 2:
+    a plain dict holding its layout record under its key `layout_<fingerprint>` (and `data`, or
+    a relaxed member's `shared`, `lora_b`, `lora_a`)."""
+    if type(x) is not dict or not x or len(x) > 4:
         return False
     records = [k for k in x if isinstance(k, str) and RECORD_KEY.match(k)]
-    return len(records) == 1 and all(k == "data" or k in records for k in x)
+    return len(records) == 1 and all(k in _RESTORED_KEYS or k in records for k in x)
+
+
+_RESTORED_KEYS = frozenset({"data", "shared", "lora_b", "lora_a"})
 
 
 def is_placeholder(x: Any) -> bool:
     """Whether `x` stands in for a leaf of the full pytree: a `TiedLeaf` or `StackedLeaf`, or the
     dict a target-less restore made of one (so that `unpack` and `tie` can refuse it clearly)."""
-    return isinstance(x, TiedLeaf | StackedLeaf) or is_restored_placeholder(x)
+    return isinstance(x, TiedLeaf | StackedLeaf | RelaxedLeaf) or is_restored_placeholder(x)
 
 
 def describe_record(x: Any) -> str:

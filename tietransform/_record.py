@@ -69,14 +69,39 @@ def _simple_repr(x: Any) -> str:
     return type(x).__qualname__
 
 
-def tie_layout(kind: str, group: str, members: Sequence[str], canonical: str, fn: Any) -> Layout:
-    """The layout of a plain tie (`kind="tie"`) or a view (`kind="view"`)."""
+def tie_layout(
+    kind: str,
+    group: str,
+    members: Sequence[str],
+    canonical: str,
+    fn: Any,
+    relaxed: str | None = None,
+) -> Layout:
+    """The layout of a plain tie (`kind="tie"`) or a view (`kind="view"`); a relaxed tie's kind
+    is `"relaxed"` and its last entry says its rank (`relaxed_layout`)."""
+    if relaxed is not None:
+        return Layout(("relaxed", group, tuple(members), canonical, relaxed))
     return Layout((kind, group, tuple(members), canonical, fn_name(fn)))
 
 
-def stack_layout(length: int, slices: dict[str, tuple[int, ...]], kept: dict[str, int]) -> Layout:
-    """The layout of a stacked array of `length` slices: per group, its slices and kept slice."""
-    groups = tuple((g, tuple(s), int(kept[g])) for g, s in slices.items())
+def relaxed_layout(rank: int, others: str) -> str:
+    """What a relaxed group's layout says of its relaxation: `rank=8 others=shared`."""
+    return f"rank={int(rank)} others={others}"
+
+
+def stack_layout(
+    length: int,
+    slices: dict[str, tuple[int, ...]],
+    kept: dict[str, int],
+    relaxed: dict[str, str] | None = None,
+) -> Layout:
+    """The layout of a stacked array of `length` slices: per group, its slices and kept slice
+    (and, for a relaxed group, its `relaxed_layout`)."""
+    relaxed = relaxed or {}
+    groups = tuple(
+        (g, tuple(s), int(kept[g]), *([relaxed[g]] if g in relaxed else []))
+        for g, s in slices.items()
+    )
     return Layout(("stack", int(length), groups))
 
 
@@ -159,9 +184,15 @@ def format_layout(layout: Layout | None) -> str:
         return "no recorded layout"
     if layout[0] == "stack":
         _, length, groups = layout
-        parts = [f"group {g!r} ties slices {list(s)} keeping {k}" for g, s, k in groups]
+        parts = [
+            f"group {g!r} ties slices {list(s)} keeping {k}"
+            + (f" relaxed ({rest[0]})" if rest else "")
+            for g, s, k, *rest in groups
+        ]
         return f"stack of {length} slices: " + "; ".join(parts)
     kind, group, members, canonical, fn = layout
+    if kind == "relaxed":
+        return f"relaxed tie group {group!r} of {_few(members)} (shared W at {canonical}, {fn})"
     if kind == "view":
         targets = [m for m in members if m != canonical]
         return f"view {group!r}: {_few(targets)} = {fn}({canonical})"

@@ -55,7 +55,7 @@ from ._select import (
     select,
     sequence_lengths,
 )
-from ._spec import Declaration, Group, Selector, Stack, TieSpec, View
+from ._spec import Declaration, Group, Relaxed, Selector, Stack, TieSpec, View
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,7 @@ class TieSlot:
     readers: tuple[int, ...]
     fn: Callable[[Any], Any] | None
     member_is_leaf: bool
+    relax: Relaxed | None = None  # a relaxed tie: each member reads `W + B_l @ A_l` (matrices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,7 @@ class StackSlot:
     slices: tuple[int, ...] | None
     canonical: int | None
     length: int | None = None  # the stacked axis length the declaration requires, if any
+    relax: Relaxed | None = None  # a relaxed tie: each tied slice reads `W + B_i @ A_i`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,7 @@ class GroupPlan:
     members: tuple[Member, ...]
     canonical: Member
     through: tuple[str, ...] = ()  # a view's source's groups, whose buffer the view reads
+    relax: Relaxed | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,9 +196,10 @@ def _group_rule(index: Index, name: str, decl: Group) -> Resolved:
     readers = [m for m in members if m is not canonical]
     _check_disjoint(name, members)
     _check_same_structure(index, name, [canonical, *readers])
-    slots = _tie_slots(name, canonical, readers, None)
+    slots = _tie_slots(name, canonical, readers, None, decl.relax)
     writes = tuple(leaf for m in members for leaf in m.leaves)
-    return Resolved(GroupPlan(name, "tie", tuple(members), canonical), slots, (), writes)
+    group = GroupPlan(name, "tie", tuple(members), canonical, relax=decl.relax)
+    return Resolved(group, slots, (), writes)
 
 
 _RULES[Group] = _group_rule
@@ -243,12 +247,13 @@ def _stack_rule(index: Index, name: str, decl: Stack) -> Resolved:
     members = _select(index, name, decl.selector)
     _check_disjoint(name, members)
     stacks = tuple(
-        StackSlot(name, leaf, decl.slices, decl.canonical, decl.layers)
+        StackSlot(name, leaf, decl.slices, decl.canonical, decl.layers, decl.relax)
         for member in members
         for leaf in member.leaves
     )
     writes = tuple(s.leaf for s in stacks)
-    return Resolved(GroupPlan(name, "stack", tuple(members), members[0]), (), stacks, writes)
+    group = GroupPlan(name, "stack", tuple(members), members[0], relax=decl.relax)
+    return Resolved(group, (), stacks, writes)
 
 
 _RULES[Stack] = _stack_rule
@@ -270,7 +275,11 @@ def _select_all(index: Index, name: str, selectors: Sequence[Selector]) -> list[
 
 
 def _tie_slots(
-    name: str, canonical: Member, readers: Sequence[Member], fn: Callable[[Any], Any] | None
+    name: str,
+    canonical: Member,
+    readers: Sequence[Member],
+    fn: Callable[[Any], Any] | None,
+    relax: Relaxed | None = None,
 ) -> tuple[TieSlot, ...]:
     """One slot per leaf position of the (same-structured) members."""
     return tuple(
@@ -280,6 +289,7 @@ def _tie_slots(
             tuple(m.leaves[position] for m in readers),
             fn,
             member_is_leaf=not relative,
+            relax=relax,
         )
         for position, relative in enumerate(canonical.relative)
     )
@@ -302,6 +312,13 @@ def _check_overlap(index: Index, resolved: Sequence[Resolved]) -> None:
     for r in resolved:
         for leaf in r.reads:
             other = claims.get(leaf)
+            if other is not None and other.group.relax is not None:
+                raise ValueError(
+                    f"View {r.group.name!r} reads {format_path(index.keypaths[leaf])}, a member "
+                    f"of the relaxed tie group {other.group.name!r}: each member of a relaxed "
+                    "group reads its own `W + B @ A`, so there is no one buffer for a view to "
+                    "read. Tie the view's source strictly, or read a leaf outside the group."
+                )
             if other is not None and other.group.kind == "stack":
                 raise ValueError(
                     f"Tie groups {other.group.name!r} and {r.group.name!r} overlap at "

@@ -37,8 +37,9 @@ from jax.extend.core import primitives as _primitives
 from . import _compat, _interpret
 from ._errors import StackMaterialisedWarning
 from ._ffn_match import FFNSite, find_ffn_sites, tied_through_casts
-from ._ffn_routing import RoutedFFN, Routing, decide, serve
+from ._ffn_routing import RoutedFFN, Routing, decide, left_to_xla, serve
 from ._layout import take_rows
+from ._lowrank import LowRankRead, low_rank_dot, stacked_deltas
 
 
 class StackedRead:
@@ -47,9 +48,13 @@ class StackedRead:
     `ops` are elementwise functions (a mixed-precision cast, a scale) deferred to each slice as
     it is read, so the stack is never built and each slice's cotangent is converted back before
     it is summed into `data`'s (in `data`'s dtype, as the untied model sums its members').
+
+    A relaxed stack (`factors = (B, A, factor_rows)`) reads slice `i` as the lazy
+    `LowRankRead(data[rows[i]], B[f], A[f])`, `f = factor_rows[i]` (no delta where `f == -1`);
+    its only deferred ops are casts, applied to `W`, `B` and `A` each.
     """
 
-    __slots__ = ("data", "rows", "weak_type", "groups", "ops", "dtype")
+    __slots__ = ("data", "rows", "weak_type", "groups", "ops", "dtype", "factors")
 
     def __init__(
         self,
@@ -59,6 +64,7 @@ class StackedRead:
         groups: tuple[str, ...],
         ops: tuple[Callable[[Any], Any], ...] = (),
         dtype: Any = None,
+        factors: tuple[Any, Any, tuple[int, ...]] | None = None,
     ):
         self.data = data
         self.rows = rows
@@ -66,6 +72,7 @@ class StackedRead:
         self.groups = groups
         self.ops = ops
         self.dtype = jax.typeof(data).dtype if dtype is None else dtype
+        self.factors = factors
 
     def shape_dtype(self) -> jax.ShapeDtypeStruct:
         """The type of the full array, for tracing."""
@@ -73,20 +80,59 @@ class StackedRead:
         shape = (len(self.rows), *aval.shape[1:])
         return jax.ShapeDtypeStruct(shape, self.dtype, weak_type=self.weak_type)
 
-    def with_data(self, data: Any) -> "StackedRead":
-        return StackedRead(data, self.rows, self.weak_type, self.groups, self.ops, self.dtype)
+    def arrays(self) -> list[Any]:
+        return [self.data, *([] if self.factors is None else self.factors[:2])]
+
+    def with_arrays(self, arrays: Sequence[Any]) -> "StackedRead":
+        data, *factors = arrays
+        relaxed = None if self.factors is None else (*factors, self.factors[2])
+        return StackedRead(
+            data, self.rows, self.weak_type, self.groups, self.ops, self.dtype, relaxed
+        )
+
+    def with_op(self, op: Callable[[Any], Any], aval: Any) -> "StackedRead":
+        """This stack with the elementwise `op` deferred to each slice; `aval`: its output's."""
+        ops = (*self.ops, op)
+        return StackedRead(
+            self.data, self.rows, aval.weak_type, self.groups, ops, aval.dtype, self.factors
+        )
 
     def apply(self, value: Any) -> Any:
         for op in self.ops:
-            value = op(value)
+            value = value.map(op) if isinstance(value, LowRankRead) else op(value)
         return value
 
-    def read(self, row: Any) -> Any:
-        """Slice `row` of the full array (a traced index), with the deferred ops applied."""
-        return self.apply(_read_slice(self.data, row))
+    def index(self) -> Any:
+        """What a scan over the stack scans: `rows` (`(L,)`); for a relaxed stack whose every
+        slice has its own factors, the factors themselves too (`(rows, B, A)`); else the rows
+        with the factor rows (`(L, 2)`)."""
+        if self.factors is None:
+            return jnp.asarray(self.rows, jnp.int32)
+        b, a, factor_rows = self.factors
+        if factor_rows == tuple(range(len(self.rows))):
+            return (jnp.asarray(self.rows, jnp.int32), b, a)
+        return jnp.asarray(list(zip(self.rows, factor_rows, strict=True)), jnp.int32)
+
+    def read(self, index: Any) -> Any:
+        """One slice (`index`: one of `self.index()`, traced), with the deferred ops applied."""
+        if self.factors is None:
+            return self.apply(_read_slice(self.data, index))
+        if isinstance(index, tuple):  # the factors were scanned
+            row, b_i, a_i = index
+            return self.apply(LowRankRead(_read_slice(self.data, row), b_i, a_i, None, self.groups))
+        b, a, factor_rows = self.factors
+        row, factor = index[0], index[1]
+        clipped = jnp.maximum(factor, 0)
+        w = _read_slice(self.data, row)
+        scale = None if min(factor_rows) >= 0 else (factor >= 0).astype(w.dtype)
+        read = LowRankRead(w, _read_slice(b, clipped), _read_slice(a, clipped), scale, self.groups)
+        return self.apply(read)
 
     def materialise(self) -> Any:
-        return self.apply(take_rows(self.data, self.rows))
+        if self.factors is None:
+            return self.apply(take_rows(self.data, self.rows))
+        b, a, factor_rows = self.factors
+        return self.apply(stacked_deltas(self.data, self.rows, b, a, factor_rows))
 
 
 def _read_slice(data: jax.Array, row: jax.Array) -> jax.Array:
@@ -135,7 +181,7 @@ class _Context(NamedTuple):
 
 
 def _is_lazy(x: Any) -> bool:
-    return isinstance(x, StackedRead)
+    return isinstance(x, StackedRead | LowRankRead)
 
 
 def _materialised(values: Sequence[Any]) -> list[Any]:
@@ -166,7 +212,16 @@ def evaluate(
     if routing is not None:
         tied_vars = tied_through_casts(jaxpr, tied_vars)
         found = find_ffn_sites(jaxpr, tied_vars)
-        decisions = {index: decide(site, routing) for index, site in found.items()}
+        relaxed = tied_through_casts(
+            jaxpr,
+            {v for v, a in zip(jaxpr.invars, args, strict=True) if isinstance(a, LowRankRead)},
+        )
+        decisions = {
+            index: left_to_xla(site, _RELAXED_SITE)
+            if any(linear.w in relaxed for linear in (*site.ins, site.down))
+            else decide(site, routing)
+            for index, site in found.items()
+        }
         sites = {i: s for i, s in found.items() if decisions[i].implementation is not None}
     context = _Context(tied_vars, routing)
     env = dict(zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args], strict=True))
@@ -186,8 +241,15 @@ def evaluate(
     return [value(v) for v in jaxpr.outvars]
 
 
+_RELAXED_SITE = (
+    "relaxed tie: its weights are W + B @ A per member, computed as x @ W + (x @ B) @ A; the "
+    "kernel takes plain weights"
+)
+
+
 def _default_rule(eqn: Any, invals: list[Any], context: _Context) -> list[Any]:
-    """Any other primitive: bound as traced, building any stack it reads (with a warning)."""
+    """Any other primitive: bound as traced, building any stack it reads (with a warning) and
+    any relaxed member's `W + B A` (for this use only)."""
     if any(_is_lazy(v) for v in invals):
         _warn_materialised(eqn, invals)
         invals = _materialised(invals)
@@ -221,7 +283,11 @@ SLICE_READS: frozenset[Any] = frozenset(
 
 
 def _warn_materialised(eqn: Any, invals: Sequence[Any]) -> None:
-    groups = sorted({g for v in invals if _is_lazy(v) for g in v.groups})
+    """Warns that a stack is built (a relaxed member's `W + B A` is built without a word: it is
+    one member, as large as the untied leaf)."""
+    groups = sorted({g for v in invals if isinstance(v, StackedRead) for g in v.groups})
+    if not groups:
+        return
     warnings.warn(
         f"Stacked tie group(s) {groups} are read by `{eqn.primitive.name}` in a way tietransform "
         "does not rewrite: the full stacked array is built there (values and gradients are "
@@ -242,28 +308,33 @@ _rules.update(dict.fromkeys(SLICE_READS, _slice_read_rule))
 
 def _elementwise_rule(eqn: Any, invals: list[Any], context: _Context) -> list[Any]:
     """An elementwise primitive of one stacked read (and scalars) stays stacked: it is deferred
-    to each slice as it is read, `op(data[rows[i]])`. Anything else builds the stack."""
+    to each slice as it is read, `op(data[rows[i]])`. A cast of a relaxed read casts `W`, `B` and
+    `A` each (as a hand-written LoRA in that dtype does) and stays lazy. Anything else builds the
+    stack, or the relaxed member's `W + B A`."""
     lazy = [i for i, v in enumerate(invals) if _is_lazy(v)]
     if not lazy:
         return _compat.bind_equation(eqn, invals)
     others_scalar = all(_is_lazy(v) or jnp.ndim(v) == 0 for v in invals)
-    if len(lazy) != 1 or not others_scalar or eqn.primitive.multiple_results:
+    relaxed = any(
+        isinstance(v, LowRankRead) or (isinstance(v, StackedRead) and v.factors is not None)
+        for v in invals
+    )
+    is_cast = eqn.primitive is _primitives.convert_element_type_p
+    if (
+        len(lazy) != 1
+        or not others_scalar
+        or eqn.primitive.multiple_results
+        or (relaxed and not is_cast)
+    ):
         _warn_materialised(eqn, invals)
         return _compat.bind_equation(eqn, _materialised(invals))
     (position,) = lazy
-    source: StackedRead = invals[position]
     op = functools.partial(_bind_at, eqn, tuple(invals), position)
+    source = invals[position]
+    if isinstance(source, LowRankRead):
+        return [source.map(op)]
     (var,) = eqn.outvars
-    return [
-        StackedRead(
-            source.data,
-            source.rows,
-            var.aval.weak_type,
-            source.groups,
-            (*source.ops, op),
-            var.aval.dtype,
-        )
-    ]
+    return [source.with_op(op, var.aval)]
 
 
 _rules.update(dict.fromkeys(_compat.ELEMENTWISE, _elementwise_rule))
@@ -273,6 +344,32 @@ def _bind_at(eqn: Any, invals: tuple[Any, ...], position: int, value: Any) -> An
     values = list(invals)
     values[position] = value
     return _compat.bind_equation(eqn, values)[0]
+
+
+def _dot_rule(eqn: Any, invals: list[Any], context: _Context) -> list[Any]:
+    """A matmul of a relaxed member is `x @ W + (x @ B) @ A`: `W + B A` is never built."""
+    if any(isinstance(v, LowRankRead) for v in invals) and not any(
+        isinstance(v, StackedRead) for v in invals
+    ):
+        out = low_rank_dot(eqn, invals, lambda e, values: _compat.bind_equation(e, values)[0])
+        if out is not None:
+            (var,) = eqn.outvars
+            return [out.astype(var.aval.dtype)]
+    return _default_rule(eqn, invals, context)
+
+
+_rules[_primitives.dot_general_p] = _dot_rule
+
+
+def _transpose_rule(eqn: Any, invals: list[Any], context: _Context) -> list[Any]:
+    """A relaxed matrix transposed stays lazy: `(W + B A)^T = W^T + A^T B^T`."""
+    (x,) = invals
+    if isinstance(x, LowRankRead) and tuple(eqn.params["permutation"]) == (1, 0):
+        return [x.transpose()]
+    return _default_rule(eqn, invals, context)
+
+
+_rules[_primitives.transpose_p] = _transpose_rule
 
 
 def _jit_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None) -> list[Any]:
@@ -287,12 +384,18 @@ def _scan_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing |
     num_consts, num_carry = _compat.scan_layout(eqn.params)
     if any(_is_lazy(v) for v in invals[: num_consts + num_carry]):
         _warn_materialised(eqn, invals[: num_consts + num_carry])  # a const or carry, not xs
-    consts = _materialised(invals[:num_consts])
+    # A relaxed member read in the body stays lazy (a loop constant); a stack is built.
+    consts = [
+        v if isinstance(v, LowRankRead) else _materialised([v])[0] for v in invals[:num_consts]
+    ]
     init = _materialised(invals[num_consts : num_consts + num_carry])
-    xs = invals[num_consts + num_carry :]
+    xs = [
+        v if isinstance(v, StackedRead) else _materialised([v])[0]
+        for v in invals[num_consts + num_carry :]
+    ]
     body, body_consts = _compat.split_jaxpr(eqn.params["jaxpr"])
     body_tied = [*tied[:num_consts], *([False] * num_carry), *tied[num_consts + num_carry :]]
-    scanned = [jnp.asarray(x.rows, jnp.int32) if _is_lazy(x) else x for x in xs]
+    scanned = [x.index() if _is_lazy(x) else x for x in xs]
 
     def step(carry: list[Any], xs_slice: list[Any]) -> tuple[list[Any], list[Any]]:
         x_values = [
@@ -301,7 +404,7 @@ def _scan_rule(eqn: Any, invals: list[Any], tied: list[bool], routing: Routing |
         outs = evaluate(body, body_consts, [*consts, *carry, *x_values], body_tied, routing)
         return outs[:num_carry], outs[num_carry:]
 
-    lazy_data = [x.data for x in xs if _is_lazy(x)]
+    lazy_data = [a for x in xs if _is_lazy(x) for a in x.arrays()]
     if lazy_data:
         policy = _recompute_slices(lazy_data)
         step = jax.checkpoint(step, policy=policy, prevent_cse=False)  # scan already prevents CSE
@@ -316,11 +419,11 @@ def _checkpoint_rule(
     eqn: Any, invals: list[Any], tied: list[bool], routing: Routing | None
 ) -> list[Any]:
     inner, consts = _compat.call_jaxpr(eqn)
-    flat = [v.data if _is_lazy(v) else v for v in invals]
+    flat = [v.arrays() if _is_lazy(v) else v for v in invals]
 
     def rematerialised(*flat_args: Any) -> list[Any]:
         args = [
-            v.with_data(f) if _is_lazy(v) else f for f, v in zip(flat_args, invals, strict=True)
+            v.with_arrays(f) if _is_lazy(v) else f for f, v in zip(flat_args, invals, strict=True)
         ]
         return evaluate(inner, consts, args, tied, routing)
 

@@ -14,6 +14,77 @@ Selector: TypeAlias = str | Where
 """A path pattern (`"blocks[*].mlp"`) or a `where` function."""
 
 
+RelaxedInit: TypeAlias = Literal["svd", "zeros"]
+Others: TypeAlias = Literal["shared", "own"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Relaxed:
+    """A relaxed tie: each member `l` reads `W + B_l @ A_l`. See [`tietransform.relaxed`][]."""
+
+    rank: int
+    init: RelaxedInit = "svd"
+    others: Others = "shared"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not _is_index(self.rank) or self.rank < 1:
+            raise ValueError(f"tt.relaxed: `rank` must be a positive int, got {self.rank!r}.")
+        if self.init not in get_args(RelaxedInit):
+            raise ValueError(
+                f"tt.relaxed: `init` must be one of {list(get_args(RelaxedInit))}, got "
+                f"{self.init!r}: 'svd' starts each delta at the truncated SVD of the member's "
+                "residual (member - shared), 'zeros' at zero."
+            )
+        if self.others not in get_args(Others):
+            raise ValueError(
+                f"tt.relaxed: `others` must be one of {list(get_args(Others))}, got "
+                f"{self.others!r}: what happens to leaves that are not matrices (biases, norms): "
+                "tied strictly ('shared') or kept per member ('own')."
+            )
+        if not _is_index(self.seed):
+            raise TypeError(f"tt.relaxed: `seed` must be an int, got {self.seed!r}.")
+
+    def describe(self) -> str:
+        """`rank 8, svd` (and `others own` when non-matrix leaves stay per member)."""
+        own = ", others own" if self.others == "own" else ""
+        return f"rank {self.rank}, {self.init}{own}"
+
+
+def relaxed(
+    rank: int, *, init: RelaxedInit = "svd", others: Others = "shared", seed: int = 0
+) -> Relaxed:
+    """Relax a tie: each member reads the shared weight plus its own trainable rank-`rank` delta.
+
+    Pass it as `relax=` to [`tietransform.group`][], [`tietransform.stack`][] or
+    [`tietransform.share_layers`][]. For every tied leaf that is a matrix (a member's leaf of
+    shape `(m, n)`; a stacked leaf's slices), member `l` reads `W + B_l @ A_l`, with `W` the
+    group's buffer, `B_l` of shape `(m, rank)` and `A_l` of shape `(rank, n)` (the Relaxed
+    Recursive Transformers' layer-wise LoRA).
+
+    **Arguments:**
+
+    - `rank`: `r`, at most `min(m, n)` of every relaxed matrix.
+    - `init`: how `tt.pack` fills the factors from an untied model. `"svd"`: the truncated SVD of
+      the residual `W_l - W` (`B_l = U_r sqrt(S_r)`, `A_l = sqrt(S_r) V_r^T`), so at full rank the
+      untied model comes back exactly. `"zeros"`: the delta starts at zero. Either way a
+      direction with a zero singular value gets `B = 0` and a small random row of `A` (seeded by
+      `seed`, as LoRA initializes), so that every factor receives a gradient.
+    - `others`: the leaves that are not matrices (biases, norm scales): tied strictly
+      (`"shared"`) or kept per member, untied (`"own"`).
+    - `seed`: the seed of those random rows.
+
+    **Returns:**
+
+    A `Relaxed` option. Packed, the group's buffer is stored once and each member's factors with
+    it (see [`tietransform.RelaxedLeaf`][]); gradients reach `W` summed over the members and each
+    factor on its own. Where a relaxed read feeds a matmul, `tie` computes
+    `x @ W + (x @ B_l) @ A_l` and never builds `W + B_l @ A_l`; any other use builds it for that
+    use only. `tt.unpack` builds every member's `W + B_l @ A_l`: a dense, untied model.
+    """
+    return Relaxed(rank, init, others, seed)
+
+
 @dataclasses.dataclass(frozen=True)
 class Group:
     """A plain tie group: every member reads the canonical member's value.
@@ -26,9 +97,11 @@ class Group:
     layers: tuple[str, int] | None = None
     """`(pattern, L)`: the pattern (`"blocks[*]"`) must match exactly `L` nodes, as a sharing
     strategy over `L` layers needs (`share_layers` sets it)."""
+    relax: Relaxed | None = None
 
     def __post_init__(self) -> None:  # also when built directly, not through `tt.group`
         _check_init("tt.Group", self.init)
+        _check_relax("tt.Group", self.relax)
         if not (self.canonical is None or isinstance(self.canonical, str)):
             if not _is_index(self.canonical):
                 raise TypeError(
@@ -57,9 +130,11 @@ class Stack:
     layers: int | None = None
     """The length the stacked axis must have, as a sharing strategy over `L` layers needs
     (`share_layers` sets it)."""
+    relax: Relaxed | None = None
 
     def __post_init__(self) -> None:  # also when built directly, not through `tt.stack`
         _check_init("tt.Stack", self.init)
+        _check_relax("tt.Stack", self.relax)
         if self.canonical is not None and not _is_index(self.canonical):
             raise TypeError(
                 f"tt.Stack: `canonical` must be an int slice index, got {self.canonical!r}."
@@ -81,6 +156,14 @@ def _check_init(what: str, init: Any) -> None:
         )
 
 
+def _check_relax(what: str, relax: Any) -> None:
+    if relax is not None and not isinstance(relax, Relaxed):
+        raise TypeError(
+            f"{what}: `relax` must be `tt.relaxed(rank)` or None, got {type(relax).__name__} "
+            f"({relax!r})."
+        )
+
+
 def _as_selectors(what: str, value: Any) -> tuple[Selector, ...]:
     items = tuple(value) if isinstance(value, list | tuple) else (value,)
     if not items:
@@ -98,6 +181,7 @@ def group(
     *members: Selector | Sequence[Selector],
     canonical: str | int | np.integer | None = None,
     init: Init = "canonical",
+    relax: Relaxed | None = None,
 ) -> Group:
     """Declare a tie group explicitly, optionally choosing its canonical member.
 
@@ -113,6 +197,8 @@ def group(
       pretrained untied model is converted into a recursive one; integer and bool leaves keep
       the canonical member's value). The buffer lives at the canonical member's place either
       way.
+    - `relax`: `tt.relaxed(rank)` gives every member its own low-rank delta on the matrix
+      leaves (see [`tietransform.relaxed`][]); `None` (default) ties strictly.
 
     **Returns:**
 
@@ -131,7 +217,7 @@ def group(
         )
     _check_init("tt.group", init)
     position = canonical if isinstance(canonical, str | None) else int(canonical)
-    return Group(tuple(flat), position, init)
+    return Group(tuple(flat), position, init, relax=relax)
 
 
 def view(source: Selector, target: Selector | Sequence[Selector], fn: Callable[[Any], Any]) -> View:
@@ -173,6 +259,7 @@ def stack(
     *,
     canonical: int | np.integer | None = None,
     init: Init = "canonical",
+    relax: Relaxed | None = None,
 ) -> Stack:
     """Tie slices of a stacked (scan-over-layers) array along its leading axis.
 
@@ -186,6 +273,9 @@ def stack(
     - `canonical`: the slice whose value is kept; defaults to the first of `slices` in index order.
     - `init`: what `pack` stores for the tied slices: the canonical slice (`"canonical"`) or
       their elementwise mean (`"average"`).
+    - `relax`: `tt.relaxed(rank)` gives every tied slice its own low-rank delta (see
+      [`tietransform.relaxed`][]); inside `lax.scan` the shared slice is a loop constant and
+      the factors are scanned.
 
     **Returns:**
 
@@ -215,7 +305,7 @@ def stack(
             raise ValueError(f"tt.stack: canonical slice {index} is not one of {list(kept)}.")
     _check_init("tt.stack", init)
     (sel,) = _as_selectors("tt.stack", selector)[:1]
-    return Stack(sel, kept, index, init)
+    return Stack(sel, kept, index, init, relax=relax)
 
 
 def _is_index(x: Any) -> bool:

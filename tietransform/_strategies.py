@@ -19,7 +19,7 @@ is exactly the groups it stands for: a list of blocks gets `tt.group`s of `path[
 import dataclasses
 from typing import Literal, get_args
 
-from ._spec import Group, Stack, group, stack
+from ._spec import Group, Relaxed, Stack, group, stack
 
 
 Strategy = Literal["cycle", "sequence", "middle_cycle", "middle_sequence"]
@@ -71,6 +71,7 @@ def share_layers(
     stacked: bool = False,
     init: BlockInit = "lower",
     name: str = "block",
+    relax: Relaxed | None = None,
 ) -> dict[str, Group | Stack]:
     """Declarations that share `layers` layers among `blocks` blocks by `strategy`.
 
@@ -87,6 +88,9 @@ def share_layers(
       layer that reads it (`"lower"`), the highest (`"upper"`), or the elementwise mean of the
       layers it replaces (`"average"`; the buffer lives at the lowest layer's place).
     - `name`: block `j`'s group is named `f"{name}_{j}"`.
+    - `relax`: `tt.relaxed(rank)` gives every layer that reads a shared block its own low-rank
+      delta on the block's matrices (Relaxed Recursive Transformers; see
+      [`tietransform.relaxed`][]).
 
     **Returns:**
 
@@ -117,12 +121,12 @@ def share_layers(
         keep = members[-1] if init == "upper" else members[0]
         how = "average" if init == "average" else "canonical"
         if stacked:
-            declared = stack(path, members, canonical=keep, init=how)
+            declared = stack(path, members, canonical=keep, init=how, relax=relax)
             declarations[f"{name}_{block}"] = dataclasses.replace(declared, layers=layers)
         else:
             paths = [path.replace("[*]", f"[{i}]") for i in members]
             canonical = path.replace("[*]", f"[{keep}]")
-            declared = group(*paths, canonical=canonical, init=how)
+            declared = group(*paths, canonical=canonical, init=how, relax=relax)
             layer_nodes = path[: path.index("[*]") + 3]  # "blocks[*].mlp" -> "blocks[*]"
             declarations[f"{name}_{block}"] = dataclasses.replace(
                 declared, layers=(layer_nodes, layers)

@@ -11,7 +11,8 @@ from . import _compat
 from ._audit import audit_reads
 from ._ffn_routing import Implementation, Routing, routing_for
 from ._layout import full_leaves, packed_layout
-from ._placeholders import StackedLeaf, is_placeholder
+from ._lowrank import LowRankRead
+from ._placeholders import RelaxedLeaf, StackedLeaf, is_placeholder
 from ._resolve import flatten, plan_for
 from ._rewrite import StackedRead, evaluate
 from ._spec import TieSpec
@@ -148,9 +149,9 @@ def _call(
             "holds no TiedLeaf/StackedLeaf). Call `tt.pack(params, spec)` and pass the result."
         )
     layout = packed_layout(plan, leaves)
-    full = full_leaves(plan, layout, leaves, stacked=_stacked_read)
-    # A stacked read is traced as the full stack's type; the rewrite then reads it lazily.
-    model = [x.shape_dtype() if isinstance(x, StackedRead) else x for x in full]
+    full = full_leaves(plan, layout, leaves, stacked=_stacked_read, relaxed=_relaxed_read)
+    # A stacked or relaxed read is traced as the full leaf's type; the rewrite reads it lazily.
+    model = [x.shape_dtype() if isinstance(x, StackedRead | LowRankRead) else x for x in full]
     closed, out_types, out_static = eqx.filter_make_jaxpr(fn)(
         jax.tree_util.tree_unflatten(treedef, model), *args, **kwargs
     )
@@ -160,7 +161,9 @@ def _call(
     arg_values = jax.tree_util.tree_leaves(eqx.filter((args, kwargs), _is_traced))
     if audit:
         audit_reads(_name(fn), plan, jaxpr, consts, leaves, traced_leaves)
-    tied_leaves = {i for slot in layout.slots for i in (slot.canonical, *slot.readers)}
+    tied_leaves = {
+        i for slot in (*layout.slots, *layout.relaxed) for i in (slot.canonical, *slot.readers)
+    }
     tied_leaves.update(layout.stacks)
     tied = [i in tied_leaves for i in traced_leaves] + [False] * len(arg_values)
     values = [full[i] for i in traced_leaves] + arg_values
@@ -176,7 +179,12 @@ def _is_traced(x: Any) -> bool:
 
 
 def _stacked_read(leaf: StackedLeaf) -> StackedRead:
-    return StackedRead(leaf.data, leaf.rows, leaf.weak_type, leaf.groups)
+    factors = None if leaf.factor_rows is None else (leaf.lora_b, leaf.lora_a, leaf.factor_rows)
+    return StackedRead(leaf.data, leaf.rows, leaf.weak_type, leaf.groups, factors=factors)
+
+
+def _relaxed_read(shared: Any, leaf: RelaxedLeaf) -> LowRankRead:
+    return LowRankRead(shared, leaf.lora_b, leaf.lora_a, None, (leaf.group,), leaf.weak_type)
 
 
 def _name(fn: Callable) -> str:

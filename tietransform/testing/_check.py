@@ -5,8 +5,12 @@ with respect to each packed buffer equals the sum, over the members reading it, 
 the untied `fn` gives those members at the materialised model `unpack(pack(m))` (pulled back
 through each view; summed over tied slices for stacks). The sums here are computed independently
 of `tie`: explicitly, in float64 NumPy, from the untied function's gradients.
+
+A relaxed member `W + B @ A` (`tt.relaxed`) with untied gradient `G` pulls back to `G` for `W`
+(summed over the members), `G @ A.T` for `B` and `B.T @ G` for `A`.
 """
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +22,7 @@ import numpy as np
 from .._errors import describe_leaf, format_type, leaf_type
 from .._layout import packed_layout
 from .._pack import pack, unpack
-from .._placeholders import StackedLeaf, TiedLeaf
+from .._placeholders import RelaxedLeaf, StackedLeaf, TiedLeaf
 from .._resolve import flatten, plan_for
 from .._spec import TieSpec
 from .._tie import tie
@@ -114,15 +118,33 @@ def expected_packed_grads(packed: Any, spec: TieSpec, full_grads: Any) -> tuple[
             summed = np.stack([g[rows == k].sum(axis=0) for k in range(np.shape(leaf.data)[0])])
             slice_scale = np.abs(g).reshape(len(rows), -1).max(axis=1, initial=0.0)
             group_scale = max(float(slice_scale[rows == k].sum()) for k in range(len(summed)))
-            expected[i] = StackedLeaf(summed, leaf.rows, leaf.groups, leaf.weak_type)
-            scale[i] = StackedLeaf(group_scale, leaf.rows, leaf.groups, leaf.weak_type)
-            terms[i] = StackedLeaf(
-                int(np.bincount(rows).max()), leaf.rows, leaf.groups, leaf.weak_type
+            factors = _stacked_factor_grads(leaf, g)
+            expected[i] = dataclasses.replace(leaf, data=summed, **factors[0])
+            scale[i] = dataclasses.replace(leaf, data=group_scale, **factors[1])
+            terms[i] = dataclasses.replace(leaf, data=int(np.bincount(rows).max()), **factors[2])
+        elif isinstance(leaf, RelaxedLeaf):
+            g = _f64(grads[i])
+            (b, a), (b_scale, a_scale), counts = _factor_grads(leaf.lora_b, leaf.lora_a, g)
+            shared = None if leaf.shared is None else np.zeros(np.shape(leaf.shared))
+            expected[i] = dataclasses.replace(leaf, shared=shared, lora_b=b, lora_a=a)
+            scale[i] = dataclasses.replace(
+                leaf, shared=None if shared is None else 0.0, lora_b=b_scale, lora_a=a_scale
+            )
+            terms[i] = dataclasses.replace(
+                leaf, shared=None if shared is None else 0, lora_b=counts[0], lora_a=counts[1]
             )
         elif eqx.is_array(leaf):
             expected[i] = _f64(grads[i])
             scale[i] = float(np.max(np.abs(expected[i]), initial=0.0))
             terms[i] = 1
+    for slot in layout.relaxed:  # W: the sum of the members' untied gradients
+        c = slot.canonical
+        members = (c, *slot.readers)
+        total = sum(_f64(grads[m]) for m in members)
+        magnitude = sum(float(np.max(np.abs(_f64(grads[m])), initial=0.0)) for m in members)
+        expected[c] = dataclasses.replace(expected[c], shared=total)
+        scale[c] = dataclasses.replace(scale[c], shared=magnitude)
+        terms[c] = dataclasses.replace(terms[c], shared=len(members))
     for slot in layout.slots:
         c = slot.canonical
         for reader in slot.readers:
@@ -134,6 +156,55 @@ def expected_packed_grads(packed: Any, spec: TieSpec, full_grads: Any) -> tuple[
             scale[c] += float(np.max(np.abs(_f64(g)), initial=0.0))
             terms[c] += 1
     return tuple(jax.tree_util.tree_unflatten(treedef, x) for x in (expected, scale, terms))
+
+
+def _reassociated_terms(packed: Any, spec: TieSpec) -> int:
+    """The summands by which relaxed reads may round differently from the reference.
+
+    A relaxed read feeding a matmul is computed as `x @ W + (x @ B) @ A`, the reference as
+    `x @ (W + B @ A)`: the same sums associated differently, so each read's result may round as
+    a sum of up to `m + n + r` more terms, and its error reaches everything computed after it
+    (the gradients of untied leaves too). To first order the errors of successive reads add: the
+    sum of `m + n + r` over every relaxed member (each relaxed slice of a stack). 0 when nothing
+    is relaxed."""
+    del spec
+    total = 0
+    for leaf in flatten(packed).leaves:
+        if isinstance(leaf, RelaxedLeaf | StackedLeaf) and leaf.lora_b is not None:
+            b_shape, a_shape = np.shape(leaf.lora_b), np.shape(leaf.lora_a)
+            reads = b_shape[0] if isinstance(leaf, StackedLeaf) else 1
+            total += reads * (b_shape[-2] + b_shape[-1] + a_shape[-1])
+    return total
+
+
+def _factor_grads(b: Any, a: Any, g: np.ndarray) -> tuple[Any, Any, Any]:
+    """`(G @ A.T, B.T @ G)`, their summands' magnitudes, and their summand counts."""
+    b, a = _f64(b), _f64(a)
+    grads = (g @ np.swapaxes(a, -1, -2), np.swapaxes(b, -1, -2) @ g)
+    scales = (
+        float(np.max(np.abs(g) @ np.abs(np.swapaxes(a, -1, -2)), initial=0.0)),
+        float(np.max(np.abs(np.swapaxes(b, -1, -2)) @ np.abs(g), initial=0.0)),
+    )
+    return grads, scales, (g.shape[-1] + 1, g.shape[-2] + 1)
+
+
+def _stacked_factor_grads(leaf: StackedLeaf, g: np.ndarray) -> tuple[dict, dict, dict]:
+    """The expected factor gradients of a relaxed stack (empty dicts for a strict one)."""
+    if leaf.factor_rows is None:
+        return {}, {}, {}
+    index = np.asarray(leaf.factor_rows)
+    b_grad, a_grad = np.zeros(np.shape(leaf.lora_b)), np.zeros(np.shape(leaf.lora_a))
+    slices = np.flatnonzero(index >= 0)
+    grads, scales, counts = _factor_grads(
+        np.asarray(leaf.lora_b)[index[slices]], np.asarray(leaf.lora_a)[index[slices]], g[slices]
+    )
+    np.add.at(b_grad, index[slices], grads[0])
+    np.add.at(a_grad, index[slices], grads[1])
+    return (
+        {"lora_b": b_grad, "lora_a": a_grad},
+        {"lora_b": scales[0], "lora_a": scales[1]},
+        {"lora_b": counts[0], "lora_a": counts[1]},
+    )
 
 
 def _random_cotangent(key: jax.Array, out: Any) -> Any:
@@ -152,7 +223,13 @@ def _random_cotangent(key: jax.Array, out: Any) -> Any:
 
 
 def _compare_grads(
-    packed: Any, got: Any, expected: Any, scale: Any, terms: Any, paths: Sequence[str]
+    packed: Any,
+    got: Any,
+    expected: Any,
+    scale: Any,
+    terms: Any,
+    paths: Sequence[str],
+    extra: int = 0,
 ) -> list[str]:
     problems = []
     _, got_leaves, _ = flatten(got)
@@ -163,20 +240,30 @@ def _compare_grads(
     for path, p, g, e, s, n in zip(
         paths, packed_leaves, got_leaves, exp_leaves, scale_leaves, term_leaves, strict=True
     ):
-        if isinstance(p, TiedLeaf) or not (eqx.is_array(p) or isinstance(p, StackedLeaf)):
+        if isinstance(p, TiedLeaf) or not (
+            eqx.is_array(p) or isinstance(p, StackedLeaf | RelaxedLeaf)
+        ):
             continue
-        if isinstance(p, StackedLeaf):
-            p, g, e, s, n = p.data, g.data, e.data, s.data, n.data
-        dtype = np.asarray(p).dtype
-        if dtype.kind != "f" and dtype.name != "bfloat16":
-            continue
-        err = _normwise_error(g, e, s)
-        tol = tolerance(dtype, n)
-        if not err <= tol:
-            problems.append(
-                f"  {path} ({format_type(*leaf_type(p))}, {n} member(s)): gradient error {err:.3g} "
-                f"> tolerance {tol:.3g}"
-            )
+        parts = [("", p, g, e, s, n)]
+        if isinstance(p, StackedLeaf | RelaxedLeaf):
+            names = ["data"] if isinstance(p, StackedLeaf) else ["shared"]
+            names += ["lora_b", "lora_a"]
+            parts = [
+                (f".{k}", *(getattr(x, k) for x in (p, g, e, s, n)))
+                for k in names
+                if getattr(p, k) is not None
+            ]
+        for suffix, p, g, e, s, n in parts:
+            dtype = np.asarray(p).dtype
+            if dtype.kind != "f" and dtype.name != "bfloat16":
+                continue
+            err = _normwise_error(g, e, s)
+            tol = tolerance(dtype, n + extra)
+            if not err <= tol:
+                problems.append(
+                    f"  {path}{suffix} ({format_type(*leaf_type(p))}, {n} member(s)): gradient "
+                    f"error {err:.3g} > tolerance {tol:.3g}"
+                )
     return problems
 
 
@@ -224,7 +311,8 @@ def check_tied(
     reference, reference_vjp = jax.vjp(
         lambda a: fn(eqx.combine(a, full_static), *args, **kwargs), full_arrays
     )
-    problems = [f"  value {p}" for p in tree_allclose(out, reference)]
+    extra = _reassociated_terms(packed, spec)
+    problems = [f"  value {p}" for p in tree_allclose(out, reference, summands=1 + extra)]
     paths = plan_for(spec, flatten(packed)).paths
     for ct_key in jax.random.split(key, num_cotangents):
         ct = _random_cotangent(ct_key, reference)
@@ -234,7 +322,7 @@ def check_tied(
             packed, spec, eqx.combine(full_grads, full_static)
         )
         problems += _compare_grads(
-            packed, eqx.combine(got, packed_static), expected, scale, terms, paths
+            packed, eqx.combine(got, packed_static), expected, scale, terms, paths, extra
         )
     if problems:
         raise TieCheckError(
