@@ -409,3 +409,41 @@ def test_tolerance_widening_is_what_the_reassociated_sums_need():
     got = float(tt.tie(listed_loss, spec)(packed, X))
     want = float(listed_loss(tt.unpack(packed, spec), X))
     assert abs(got - want) <= tolerance(jnp.float32, L * (D + H + 2)) * abs(want)
+
+
+def test_orbax_round_trips_relaxed_params_and_refuses_another_rank(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    checkpointer = ocp.StandardCheckpointer()
+    spec = tt.TieSpec(blk=tt.group("blocks[*]", relax=tt.relaxed(2)))
+
+    def saved(tree):  # orbax refuses zero-size arrays (the layout records)
+        return eqx.filter(tree, lambda x: eqx.is_array(x) and x.size > 0)
+
+    packed = tt.pack(_listed(), spec)
+    checkpointer.save(tmp_path / "ckpt", saved(packed))
+    checkpointer.wait_until_finished()
+    skeleton = tt.pack(_listed(seed=1), spec)
+    restored = eqx.combine(
+        tt.orbax_restore(checkpointer, tmp_path / "ckpt", saved(skeleton)), skeleton
+    )
+    tied = tt.tie(listed_loss, spec)
+    assert float(tied(restored, X)) == float(tied(packed, X))
+    other = tt.TieSpec(blk=tt.group("blocks[*]", relax=tt.relaxed(3)))
+    with pytest.raises(ValueError, match="another tie layout"):
+        tt.orbax_restore(checkpointer, tmp_path / "ckpt", saved(tt.pack(_listed(), other)))
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "list"])
+def test_an_ensemble_of_relaxed_models_maps_with_vmap(stacked):
+    make, fn = (_stacked, scanned_loss) if stacked else (_listed, listed_loss)
+    decl = (
+        tt.stack("blocks", relax=tt.relaxed(2))
+        if stacked
+        else tt.group("blocks[*]", relax=tt.relaxed(2))
+    )
+    spec = tt.TieSpec(blk=decl)
+    members = [tt.pack(make(seed), spec) for seed in range(3)]
+    ensemble = jax.tree.map(lambda *a: jnp.stack(a), *members)
+    got = jax.vmap(tt.tie(fn, spec), in_axes=(0, None))(ensemble, X)
+    want = jnp.stack([tt.tie(fn, spec)(m, X) for m in members])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
