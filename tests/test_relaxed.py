@@ -447,3 +447,9 @@ def test_an_ensemble_of_relaxed_models_maps_with_vmap(stacked):
     got = jax.vmap(tt.tie(fn, spec), in_axes=(0, None))(ensemble, X)
     want = jnp.stack([tt.tie(fn, spec)(m, X) for m in members])
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_require_equal_is_refused_for_relaxed_groups():
+    spec = tt.TieSpec(blk=tt.group("blocks[*]", relax=tt.relaxed(2)))
+    with pytest.raises(ValueError, match=r"groups \['blk'\] are relaxed"):
+        tt.pack(_listed(), spec, require_equal=True)

@@ -77,6 +77,13 @@ def pack(
             f"but groups {sorted(averaged)} are declared with init='average', which stores the "
             "members' mean. Drop one of the two."
         )
+    relaxed = sorted(n for n, d in spec.groups.items() if getattr(d, "relax", None) is not None)
+    if require_equal and relaxed:
+        raise ValueError(
+            f"tt.pack: require_equal=True checks that members already hold their group's value, "
+            f"but groups {relaxed} are relaxed (tt.relaxed): each member keeps its own "
+            "W + B @ A, so members may differ. Drop one of the two."
+        )
     if require_equal:
         _check_equal(plan, layout, leaves)
     out = [_copy(x) if copy else x for x in leaves]
