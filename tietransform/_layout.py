@@ -383,7 +383,7 @@ def _packed_under(leaves: Sequence[Any], expected: Sequence[Layout]) -> str:
         dict.fromkeys(
             format_layout(x.layout)
             for x in leaves
-            if isinstance(x, TiedLeaf | StackedLeaf) and x.layout is not None
+            if isinstance(x, TiedLeaf | StackedLeaf | RelaxedLeaf) and x.layout is not None
         )
     )
     shown = "; ".join(found[:3]) + (" ..." if len(found) > 3 else "")
@@ -399,7 +399,7 @@ def _mapped_axes(record: Any) -> int:
     return RECORD_NDIM - len(shape) if shape is not None and len(shape) < RECORD_NDIM else 0
 
 
-def _check_record(path: str, value: TiedLeaf | StackedLeaf, expected: Layout) -> None:
+def _check_record(path: str, value: TiedLeaf | StackedLeaf | RelaxedLeaf, expected: Layout) -> None:
     """Raises unless the layout record of `value` (data, e.g. from a file) is `expected`'s."""
     found = record_of(value.record)
     want = record_bits(expected)

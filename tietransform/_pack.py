@@ -302,4 +302,4 @@ def _check_equal(plan: Plan, layout: FullLayout, leaves: list[Any]) -> None:
 def is_packed_like(tree: Any) -> bool:
     """Whether `tree` contains placeholders (is packed rather than full)."""
     _, leaves, _ = flatten(tree)
-    return any(isinstance(x, TiedLeaf | StackedLeaf) for x in leaves)
+    return any(isinstance(x, TiedLeaf | StackedLeaf | RelaxedLeaf) for x in leaves)

@@ -16,7 +16,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from ._placeholders import StackedLeaf, TiedLeaf
+from ._placeholders import RelaxedLeaf, StackedLeaf, TiedLeaf
 from ._record import fingerprint_of_record, format_layout, is_record_shape, record_bits
 
 
@@ -100,8 +100,9 @@ def _is_none(x: Any) -> bool:
 
 
 def _placeholders(tree: Any) -> list[Any]:
-    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, TiedLeaf | StackedLeaf))
-    return [x for x in leaves if isinstance(x, TiedLeaf | StackedLeaf)]
+    kinds = (TiedLeaf, StackedLeaf, RelaxedLeaf)
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kinds))
+    return [x for x in leaves if isinstance(x, kinds)]
 
 
 def _mismatch_message(where: Any, missing: list[str], extra: int, loader: str) -> str:
