@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from .. import _compat
+
 
 __all__ = ["CONFIGS", "ConfigName", "TuningConfig", "default_config"]
 
@@ -100,7 +102,8 @@ class TuningConfig:
     def legacy(cls) -> TuningConfig:
         """The kernel as it was before tuning configs: one warpgroup per `(64, 128)` tile (64
         gated), two stages, `wgmma_wait(0)` every step, one pipeline per GEMM, a `(m, n)` grid.
-        The dispatcher's default until the device table measures a faster config."""
+        The dispatcher's default for plain FFNs and for gated shapes smaller than any measured
+        (`default_config`)."""
         return cls()
 
     def resolved_block_n(self, arity: int) -> int:
@@ -138,18 +141,44 @@ CONFIGS: dict[str, TuningConfig] = {
 """Every named config; the device script (`benchmarks/ffn_device.py`) times each of them."""
 
 
+# The smallest gated shape class the device table measured `pipelined` fastest in (d, hidden,
+# tokens): `benchmarks/results/ffn_device.json`, H200, jax 0.11.2, bf16, d=1024, H=4096.
+_GATED_PIPELINED_FROM = (1024, 4096, 16384)
+
+
 def default_config(tokens: int, d: int, hidden: int, arity: int) -> TuningConfig:
     """The dispatcher's config for a call of this shape class.
 
     A rule read off the device script's committed tables, `benchmarks/results/ffn_device*.json`
-    (markdown twins beside them). The only committed table is `ffn_device_dry.json`, a CPU dry
-    run (Mosaic GPU interpreter, d=128, H=128: every config's status `ok` and gradient error,
-    no timings; no row has `platform: gpu`). With no GPU row measuring any config, every shape
-    class keeps `legacy`, the kernel the 2026-11-30 H200 run measured
-    (`../shared/gpu-2026-11-30/README.md`). When a device run commits `ffn_device.json`,
-    replace this with the fastest correct config per class, citing its rows (e.g. "ffn, d=1024,
-    H=4096, tokens=16384, n=8: kernel[pipelined] 18.0 ms vs kernel[legacy] 21.1 ms");
-    `tests/kernels/test_kernel_configs.py` fails until the rule agrees with the table.
+    (markdown twins beside them; `tests/kernels/test_kernel_configs.py` fails when the rule and
+    the fastest correct config of a measured case disagree). The H200 run of 2026-12-04
+    (`ffn_device.json`: jax 0.11.2, a training step of n scanned iterations, d=1024, H=4096, bf16
+    FFN, median of 10 steps) measured:
+
+    - plain FFN: `legacy` fastest in every case. 16384 tokens, n=8: legacy 20.8 ms vs persistent
+      21.7, pipelined 22.4, warp_specialized 22.6 (f32->bf16 weights; 20.5 / 21.8 / 22.4 / 22.5
+      stored bf16); 65536 tokens, n=4: legacy 37.0 ms vs persistent 38.3, pipelined 39.1,
+      warp_specialized 40.0.
+    - gated FFN (SwiGLU), 16384 tokens, n=8: `pipelined` fastest, 31.6 ms vs persistent 32.8,
+      legacy 33.5, warp_specialized 33.7 (both weight storages within 1%): 6% faster than
+      `legacy` (which of its changes, `x` read once for gate and up or a WGMMA in flight, buys
+      the 6% was not measured apart).
+
+    So gated calls of at least the measured size (d >= 1024, hidden >= 4096, tokens >= 16384:
+    sixteen or more 64-wide K steps per tile, a grid of thousands of tiles) take `pipelined`;
+    everything else keeps `legacy`: plain FFNs, and gated shapes smaller than any measured one,
+    which includes every shape the CPU tests run in the Mosaic GPU interpreter (the CPU dry run,
+    `ffn_device_dry.json`, has no `platform: gpu` row and decides nothing). `pipelined` needs
+    `BlockSpec(delay_release=...)`; on a JAX without it the gated class falls back to `legacy`
+    rather than refusing a call the old kernel serves.
     """
-    del tokens, d, hidden, arity  # one class until the table measures more.
+    measured_size = all(
+        size >= least for size, least in zip((d, hidden, tokens), _GATED_PIPELINED_FROM)
+    )
+    if arity == 2 and measured_size:
+        try:
+            _compat.check_gpu_features(CONFIGS["pipelined"])
+        except NotImplementedError:
+            return CONFIGS["legacy"]
+        return CONFIGS["pipelined"]
     return CONFIGS["legacy"]

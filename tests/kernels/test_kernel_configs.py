@@ -236,6 +236,18 @@ def test_the_default_config_is_the_fastest_measured_config_of_the_committed_devi
             assert chosen == CONFIGS[fastest], (case, fastest)
 
 
+def test_the_default_config_keeps_legacy_where_pipelined_was_not_measured_faster(monkeypatch):
+    # Gated at the measured size and above: pipelined; plain at any size, gated below the measured
+    # size (every interpreter test's shape), and gated on a JAX without delay_release: legacy.
+    assert default_config(16384, 1024, 4096, 2) == CONFIGS["pipelined"]
+    assert default_config(65536, 2048, 8192, 2) == CONFIGS["pipelined"]
+    assert default_config(65536, 1024, 4096, 1) == TuningConfig.legacy()
+    for tokens, d, hidden in [(8192, 1024, 4096), (16384, 512, 4096), (16384, 1024, 2048)]:
+        assert default_config(tokens, d, hidden, 2) == TuningConfig.legacy()
+    monkeypatch.setitem(_compat._GPU_FEATURES, "BlockSpec(delay_release=...)", lambda: False)
+    assert default_config(16384, 1024, 4096, 2) == TuningConfig.legacy()
+
+
 def _two_block_loss(params, x):
     """`h + relu(h @ w1 + b1) @ w2 + b2` for each of two blocks, applied in turn."""
     h = x
