@@ -453,3 +453,13 @@ def test_require_equal_is_refused_for_relaxed_groups():
     spec = tt.TieSpec(blk=tt.group("blocks[*]", relax=tt.relaxed(2)))
     with pytest.raises(ValueError, match=r"groups \['blk'\] are relaxed"):
         tt.pack(_listed(), spec, require_equal=True)
+
+
+def test_a_relaxed_checkpoint_loaded_into_a_strict_skeleton_names_the_layout(tmp_path):
+    # The strict bias keeps the strict layout in both specs: records are compared in order.
+    path = tmp_path / "relaxed.eqx"
+    relaxed = tt.TieSpec(ffn=tt.stack("blocks", relax=tt.relaxed(2)))
+    strict = tt.TieSpec(ffn=tt.stack("blocks"))
+    eqx.tree_serialise_leaves(path, tt.pack(_stacked(), relaxed))
+    with pytest.raises(ValueError, match="was saved under another tie layout"):
+        tt.tree_deserialise_leaves(path, tt.pack(_stacked(), strict))

@@ -9,6 +9,7 @@
   the rewrite does not keep lazy.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +40,15 @@ def check_rank(relax: Relaxed, group: str, path: str, shape: tuple[int, ...]) ->
 
 def init_factors(
     residual: jax.Array, relax: Relaxed, salt: int, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """`(B, A)` for residuals `(..., m, n)`: see `_init_factors`. One compiled program per shape
+    and option (a dozen eager operations otherwise, each compiled on its own)."""
+    return _init_factors(residual, jnp.asarray(salt, jnp.uint32), relax, np.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _init_factors(
+    residual: jax.Array, salt: jax.Array, relax: Relaxed, dtype: Any
 ) -> tuple[jax.Array, jax.Array]:
     """`(B, A)` of shapes `(..., m, r)` and `(..., r, n)` for residuals `(..., m, n)`.
 

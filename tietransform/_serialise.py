@@ -124,21 +124,28 @@ def _mismatch_message(where: Any, missing: list[str], extra: int, loader: str) -
 
 def _layout_difference(path_or_file: Any, like: Any, start: int | None) -> str | None:
     """What differs between the file's layout records and `like`'s, or None if nothing does."""
-    expected = {
-        record_bits(leaf.layout): format_layout(leaf.layout)
+    # The records in tree order, as the file holds them: one layout can recur (a relaxed
+    # stack's bias keeps the strict stack's layout), so they are compared position by position.
+    expected = [
+        (record_bits(leaf.layout), format_layout(leaf.layout))
         for leaf in _placeholders(like)
         if leaf.record is not None and leaf.layout
-    }
+    ]
     try:
         shapes = list(_saved_shapes(path_or_file, start))
     except (OSError, ValueError, KeyError):
         return None  # not a file of .npy arrays: leave the message to Equinox
-    saved = {fingerprint_of_record(s) for s in shapes if is_record_shape(s)}
-    missing = [text for bits, text in expected.items() if bits not in saved]
+    saved_in_order = [fingerprint_of_record(s) for s in shapes if is_record_shape(s)]
+    saved = set(saved_in_order)
+    missing = [
+        text
+        for position, (bits, text) in enumerate(expected)
+        if position >= len(saved_in_order) or saved_in_order[position] != bits
+    ]
     if not missing:
         return None
     name = path_or_file if isinstance(path_or_file, str | os.PathLike) else "the file"
-    return _mismatch_message(name, missing, len(saved - set(expected)), "eqx")
+    return _mismatch_message(name, missing, len(saved - {bits for bits, _ in expected}), "eqx")
 
 
 def _saved_shapes(path_or_file: Any, start: int | None) -> Iterator[tuple[int, ...]]:
