@@ -463,3 +463,14 @@ def test_a_relaxed_checkpoint_loaded_into_a_strict_skeleton_names_the_layout(tmp
     eqx.tree_serialise_leaves(path, tt.pack(_stacked(), relaxed))
     with pytest.raises(ValueError, match="was saved under another tie layout"):
         tt.tree_deserialise_leaves(path, tt.pack(_stacked(), strict))
+
+
+def test_check_tied_says_why_a_bfloat16_relaxed_model_differs_by_rounding():
+    def bf16_loss(model, x):
+        model = jax.tree.map(lambda a: a.astype(jnp.bfloat16), model)
+        return scanned_loss(model, x.astype(jnp.bfloat16)).astype(jnp.float32)
+
+    spec = tt.TieSpec(ffn=tt.stack("blocks", relax=tt.relaxed(2)))
+    # Reassociated bfloat16 sums, against float32 tolerances: reported, with the reason.
+    with pytest.raises(TieCheckError, match="Check relaxed ties with float32 compute"):
+        check_tied(bf16_loss, spec, _stacked(), X)

@@ -158,15 +158,47 @@ def expected_packed_grads(packed: Any, spec: TieSpec, full_grads: Any) -> tuple[
     return tuple(jax.tree_util.tree_unflatten(treedef, x) for x in (expected, scale, terms))
 
 
-def _reassociated_terms(packed: Any, spec: TieSpec) -> int:
+def _compute_eps(fn: Callable[..., Any], full: Any, args: Any, kwargs: Any) -> float:
+    """The largest machine epsilon among the matmul operands of the untied `fn`: the precision
+    the relaxed reads' sums are computed in (bfloat16 under a mixed-precision cast)."""
+    try:
+        closed = eqx.filter_make_jaxpr(fn)(full, *args, **kwargs)[0]
+    except Exception:
+        return float(jnp.finfo(jnp.float32).eps)
+    found = [float(jnp.finfo(jnp.float32).eps)]
+
+    def walk(jaxpr: Any) -> None:
+        for eqn in jaxpr.eqns:
+            if eqn.primitive is jax.lax.dot_general_p:
+                found.extend(
+                    float(jnp.finfo(v.aval.dtype).eps)
+                    for v in eqn.invars
+                    if jnp.issubdtype(v.aval.dtype, jnp.floating)
+                )
+            for value in eqn.params.values():
+                for item in value if isinstance(value, tuple | list) else (value,):
+                    inner = getattr(item, "jaxpr", item)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(closed.jaxpr)
+    return max(found)
+
+
+def _reassociated_terms(packed: Any, spec: TieSpec) -> Callable[[Any], int]:
     """The summands by which relaxed reads may round differently from the reference.
 
     A relaxed read feeding a matmul is computed as `x @ W + (x @ B) @ A`, the reference as
     `x @ (W + B @ A)`: the same sums associated differently, so each read's result may round as
     a sum of up to `m + n + r` more terms, and its error reaches everything computed after it
     (the gradients of untied leaves too). To first order the errors of successive reads add: the
-    sum of `m + n + r` over every relaxed member (each relaxed slice of a stack). 0 when nothing
-    is relaxed."""
+    sum of `m + n + r` over every relaxed member (each relaxed slice of a stack). Returns, for a
+    result's dtype, that allowance in summands of its epsilon (0 when nothing is relaxed).
+
+    The sums are taken to round in the result's dtype. Where the matmuls run in a lower
+    precision (a bfloat16 cast inside `fn`), the same bound in bfloat16 would exceed 1 relative
+    and so could not catch a dropped gradient: it is not widened, and `check_tied` says instead
+    that such differences are expected (check relaxed ties with float32 compute)."""
     del spec
     total = 0
     for leaf in flatten(packed).leaves:
@@ -174,7 +206,12 @@ def _reassociated_terms(packed: Any, spec: TieSpec) -> int:
             b_shape, a_shape = np.shape(leaf.lora_b), np.shape(leaf.lora_a)
             reads = b_shape[0] if isinstance(leaf, StackedLeaf) else 1
             total += reads * (b_shape[-2] + b_shape[-1] + a_shape[-1])
-    return total
+
+    def extra(dtype: Any) -> int:
+        del dtype
+        return total
+
+    return extra
 
 
 def _factor_grads(b: Any, a: Any, g: np.ndarray) -> tuple[Any, Any, Any]:
@@ -229,7 +266,7 @@ def _compare_grads(
     scale: Any,
     terms: Any,
     paths: Sequence[str],
-    extra: int = 0,
+    extra: Callable[[Any], int] = lambda dtype: 0,
 ) -> list[str]:
     problems = []
     _, got_leaves, _ = flatten(got)
@@ -258,7 +295,7 @@ def _compare_grads(
             if dtype.kind != "f" and dtype.name != "bfloat16":
                 continue
             err = _normwise_error(g, e, s)
-            tol = tolerance(dtype, n + extra)
+            tol = tolerance(dtype, n + extra(dtype))
             if not err <= tol:
                 problems.append(
                     f"  {path}{suffix} ({format_type(*leaf_type(p))}, {n} member(s)): gradient "
@@ -311,8 +348,16 @@ def check_tied(
     reference, reference_vjp = jax.vjp(
         lambda a: fn(eqx.combine(a, full_static), *args, **kwargs), full_arrays
     )
+    compute_eps = _compute_eps(fn, full, args, kwargs)
     extra = _reassociated_terms(packed, spec)
-    problems = [f"  value {p}" for p in tree_allclose(out, reference, summands=1 + extra)]
+    out_dtype = min(
+        (np.dtype(jnp.result_type(x)) for x in jax.tree.leaves(reference)),
+        key=lambda d: -float(jnp.finfo(d).eps),
+        default=np.dtype(np.float32),
+    )
+    problems = [
+        f"  value {p}" for p in tree_allclose(out, reference, summands=1 + extra(out_dtype))
+    ]
     paths = plan_for(spec, flatten(packed)).paths
     for ct_key in jax.random.split(key, num_cotangents):
         ct = _random_cotangent(ct_key, reference)
@@ -325,7 +370,16 @@ def check_tied(
             packed, eqx.combine(got, packed_static), expected, scale, terms, paths, extra
         )
     if problems:
+        hint = ""
+        if extra(np.float32) and compute_eps > float(jnp.finfo(jnp.float32).eps):
+            hint = (
+                f"\nThe matmuls of `fn` run in a precision of eps {compute_eps:.3g} and relaxed "
+                "reads are computed as x @ W + (x @ B) @ A, the reference as x @ (W + B @ A): "
+                "their rounding differs by that precision, beyond the tolerances here. Check "
+                "relaxed ties with float32 compute."
+            )
         raise TieCheckError(
             f"tie({getattr(fn, '__name__', 'fn')}, spec) disagrees with the untied function:\n"
             + "\n".join(dict.fromkeys(problems))
+            + hint
         )
