@@ -10,6 +10,15 @@ trained model (the conversion), and uptrains it. For each case, in one run:
 - the held-out loss right after the conversion, and after `--uptrain` steps;
 - the untied model trained for the same extra steps, as the reference row.
 
+Relaxed rows (`relax=tt.relaxed(r)`, Relaxed Recursive Transformers: each layer reads its
+block's `W` plus its own rank-`r` delta `B_l @ A_l`, initialised by truncated SVD of `W_l - W`)
+convert `cycle` and `sequence` with `k = 2` and average init at ranks 1, 4 and 16, and at full
+rank (`min(m, n)` of the block's matrices, the width). Biases and norm scales are tied strictly
+(`others="shared"`, the default) except in the last row of each strategy, `others="own"`, which
+keeps them per layer: at full rank that conversion loses nothing, and the script asserts that
+its loss right after conversion is the untied model's (to float32 rounding). The parameter
+counts include the factors.
+
 Then the compile time of one tied training step for a cycled model at growing depth (flat in
 `L` under `lax.scan`: the body is traced once). Writes
 `results/recursive_conversion.{json,md,png}` (the plot needs matplotlib, the `benchmarks`
@@ -20,12 +29,14 @@ extra).
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -35,6 +46,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import universal_transformer as ut  # noqa: E402
 
 import tietransform as tt  # noqa: E402
+from tietransform.testing import tolerance  # noqa: E402
 
 
 CASES = [
@@ -48,6 +60,8 @@ CASES = [
     ("middle_cycle", 2, "average"),
     ("middle_cycle", 2, "lower"),
 ]
+RELAXED_STRATEGIES = ("cycle", "sequence")
+RELAXED_RANKS = (1, 4, 16)  # then full rank, with others="shared" and with others="own"
 
 
 def heldout_loss(objective, model, key, batch: int, digits: int) -> float:
@@ -57,6 +71,29 @@ def heldout_loss(objective, model, key, batch: int, digits: int) -> float:
 
 def count_parameters(model) -> int:
     return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+
+
+def full_rank(model) -> int:
+    """`min(m, n)` over the layers' matrices: the rank at which a relaxed tie is exact."""
+    leaves = jax.tree.leaves(eqx.filter(model.blocks, eqx.is_inexact_array))
+    return min(min(x.shape[-2:]) for x in leaves if x.ndim == 3)
+
+
+def recovery_tolerance(packed) -> float:
+    """Relative float32 tolerance on the loss of a full-rank conversion against the untied loss.
+
+    The converted model computes each relaxed matmul as `x @ W + (x @ B) @ A` where the untied
+    one computes `x @ W_l`: `tietransform.testing.check_tied` counts `m + n + r` extra summands
+    per relaxed read (the reassociated sums, their errors adding to first order through the
+    network). The reference here is the untied model itself, not `unpack(pack(untied))`, so
+    `W + B @ A` rounds once more against `W_l` (the SVD's `r` rank-one terms): twice that count.
+    """
+    extra = sum(
+        leaf.lora_b.shape[0] * (leaf.lora_b.shape[1] + leaf.lora_b.shape[2] + leaf.lora_a.shape[2])
+        for leaf in jax.tree.leaves(packed, is_leaf=lambda x: isinstance(x, tt.StackedLeaf))
+        if isinstance(leaf, tt.StackedLeaf) and leaf.lora_b is not None
+    )  # T relaxed slices of (m, n) matrices at rank r: T (m + r + n)
+    return tolerance(jnp.float32, 1 + 2 * extra)
 
 
 def train(objective, model, steps: int, args, seed: int):
@@ -93,6 +130,7 @@ def main() -> None:
     parser.add_argument("--depths", default="4,8,16,32")
     args = parser.parse_args()
     eval_key = jax.random.key(12345)
+    started = time.perf_counter()
 
     untied = train(ut.loss_fn, ut.build(args.n, args.width, args.digits, jax.random.key(0)),
                    args.steps, args, seed=1)  # fmt: skip
@@ -119,6 +157,28 @@ def main() -> None:
         spec = tt.TieSpec(shared)
         case = f"{strategy}, k = {blocks}, {init}"
         rows.append(row(case, tt.tie(ut.loss_fn, spec), tt.pack(untied, spec)))
+    full = full_rank(untied)
+    relaxations = [(r, "shared") for r in (*RELAXED_RANKS, full)] + [(full, "own")]
+    for strategy in RELAXED_STRATEGIES:
+        for rank, others in relaxations:
+            relax = tt.relaxed(rank, others=others)
+            spec = tt.TieSpec(
+                tt.share_layers(
+                    "blocks", strategy, layers=args.n, blocks=2, stacked=True, init="average",
+                    relax=relax,
+                )
+            )  # fmt: skip
+            packed = tt.pack(untied, spec)
+            case = f"{strategy}, k = 2, average, relaxed r = {rank}" + (
+                f" (full), others {others}" if rank == full else ""
+            )
+            rows.append(row(case, tt.tie(ut.loss_fn, spec), packed) | {"relaxed": True})
+            if rank == full and others == "own":  # nothing tied strictly: the untied model
+                error = abs(rows[-1]["loss_converted"] / rows[0]["loss_converted"] - 1)
+                bound = recovery_tolerance(packed)
+                rows[-1] |= {"recovery_error": error, "recovery_tolerance": bound}
+                print(f"full-rank recovery: relative error {error:.2e} (tolerance {bound:.2e})")
+                assert error <= bound, (case, error, bound)
     depths = [int(d) for d in args.depths.split(",")]
     compiles = {d: compile_seconds(d, args) for d in depths}
 
@@ -142,12 +202,34 @@ def main() -> None:
         "|---|---|",
         *(f"| {d} | {s:.2f} |" for d, s in compiles.items()),
     ]
+    recovered = [r for r in rows if "recovery_error" in r]
+    lines[len(rows) + 4 : len(rows) + 4] = [
+        "",
+        "Relaxed rows: `tt.relaxed(r)` on the shared layers (factors from the truncated SVD of "
+        "each layer's residual to its block's mean); biases and norm scales tied strictly unless "
+        "`others own`; parameter counts include the factors. At full rank with `others own` the "
+        "conversion is exact: relative difference to the untied loss "
+        + ", ".join(f"{r['recovery_error']:.1e}" for r in recovered)
+        + f" (asserted below the float32 bound {recovered[0]['recovery_tolerance']:.1e}).",
+    ]
+    seconds = time.perf_counter() - started
+    lines.append("")
+    lines.append(f"Whole run: {seconds / 60:.1f} min on {os.cpu_count()} CPU cores.")
     text = "\n".join(lines)
     print(text)
     out = ROOT / "benchmarks" / "results"
     (out / "recursive_conversion.md").write_text(text + "\n")
     (out / "recursive_conversion.json").write_text(
-        json.dumps({"args": vars(args), "rows": rows, "compile_seconds": compiles}, indent=2)
+        json.dumps(
+            {
+                "args": vars(args),
+                "jax": jax.__version__,
+                "rows": rows,
+                "compile_seconds": compiles,
+                "run_seconds": seconds,
+            },
+            indent=2,
+        )
     )
     try:
         import matplotlib
@@ -157,15 +239,32 @@ def main() -> None:
     except ImportError:
         print("matplotlib not installed: no plot (pip install -e '.[benchmarks]')")
         return
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for r in rows:
+
+    def draw(ax, r, **style):
         ax.plot([0, args.uptrain], [r["loss_converted"], r["loss_uptrained"]], marker="o",
-                label=f"{r['case']} ({r['parameters'] / 1e3:.0f}k params)")  # fmt: skip
-    ax.set_xlabel("uptraining steps after conversion")
-    ax.set_ylabel("held-out cross-entropy")
-    ax.set_yscale("log")
-    ax.set_title(f"Converting a trained {args.n}-layer model into a recursive one")
-    ax.legend(fontsize=7)
+                label=f"{r['case']} ({r['parameters'] / 1e3:.0f}k params)", **style)  # fmt: skip
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
+    for r in rows:
+        if not r.get("relaxed"):
+            draw(axes[0], r)
+    draw(axes[1], rows[0], color="black")
+    for strategy, colours in zip(RELAXED_STRATEGIES, ("Blues", "Oranges"), strict=True):
+        shown = [r for r in rows if r["case"] == f"{strategy}, k = 2, average"] + [
+            r for r in rows if r.get("relaxed") and r["case"].startswith(strategy + ",")
+        ]
+        shades = plt.get_cmap(colours)(
+            [0.3 + 0.7 * i / (len(shown) - 1) for i in range(len(shown))]
+        )
+        for i, (r, shade) in enumerate(zip(shown, shades, strict=True)):
+            draw(axes[1], r, color=shade, linestyle="--" if i == 0 else "-")
+    for ax, title in zip(axes, ("strict ties", "relaxed ties (k = 2, average init)"), strict=True):
+        ax.set_xlabel("uptraining steps after conversion")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("held-out cross-entropy")
+    fig.suptitle(f"Converting a trained {args.n}-layer model into a recursive one")
     fig.tight_layout()
     fig.savefig(out / "recursive_conversion.png", dpi=120)
 
