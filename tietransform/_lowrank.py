@@ -38,6 +38,18 @@ def check_rank(relax: Relaxed, group: str, path: str, shape: tuple[int, ...]) ->
         )
 
 
+def accumulation_dtype(dtype: Any) -> np.dtype:
+    """The dtype to accumulate `dtype` values in: float32 for narrower floats (bfloat16,
+    float16), `dtype` itself otherwise.
+
+    Spelled out rather than `jnp.promote_types(dtype, jnp.float32)`, which strict dtype promotion
+    (`jax.numpy_dtype_promotion("strict")`) refuses for bfloat16 and float16."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        return jnp.dtype(jnp.float32)
+    return dtype
+
+
 def init_factors(
     residual: jax.Array, relax: Relaxed, salt: int, dtype: Any
 ) -> tuple[jax.Array, jax.Array]:
@@ -61,7 +73,7 @@ def _init_factors(
     """
     rank = relax.rank
     m, n = residual.shape[-2:]
-    accumulate = jnp.promote_types(residual.dtype, jnp.float32)
+    accumulate = accumulation_dtype(residual.dtype)
     u, s, vt = jnp.linalg.svd(residual.astype(accumulate), full_matrices=False)
     u, s, vt = u[..., :rank], s[..., :rank], vt[..., :rank, :]
     tolerance = jnp.max(s, axis=-1, keepdims=True) * jnp.finfo(accumulate).eps * max(m, n)
@@ -76,7 +88,7 @@ def _init_factors(
 
 def delta(b: jax.Array, a: jax.Array, dtype: Any) -> jax.Array:
     """`B @ A` in `dtype`, accumulated in at least float32."""
-    accumulate = jnp.promote_types(dtype, jnp.float32)
+    accumulate = accumulation_dtype(dtype)
     return jnp.matmul(b, a, preferred_element_type=accumulate).astype(dtype)
 
 

@@ -18,7 +18,7 @@ from ._layout import (
     stack_record_layout,
     tie_layouts,
 )
-from ._lowrank import init_factors
+from ._lowrank import accumulation_dtype, init_factors
 from ._placeholders import RelaxedLeaf, StackedLeaf, TiedLeaf
 from ._record import fingerprint, new_record, record_lead
 from ._resolve import Plan, flatten, plan_for
@@ -250,7 +250,7 @@ def _mean(xs: list[Any]) -> Any:
     dtype = leaf_type(xs[0])[1]
     if not jnp.issubdtype(dtype, jnp.inexact):
         return xs[0]  # integer and bool leaves (counters, masks) keep the canonical value
-    accumulate = jnp.promote_types(dtype, jnp.float32)
+    accumulate = accumulation_dtype(dtype)
     total = sum(jnp.asarray(x, accumulate) for x in xs)
     return (total / len(xs)).astype(dtype)
 
