@@ -143,12 +143,12 @@ def _read_slice(data: jax.Array, row: jax.Array) -> jax.Array:
 
 def _recompute_slices(datas: Sequence[Any]) -> Callable[..., bool]:
     """A checkpoint policy that saves every residual except slices read by `StackedRead.read`
-    (and the elementwise ops, such as casts, deferred to them).
+    (and the elementwise ops, such as casts, and transposes applied to them).
 
     Without it, differentiating the rewritten scan stores each iteration's slice: an `L`-fold
     copy again. A slice is a cheap read of a loop-invariant buffer, so the backward pass rereads
-    it. (Policies see primitives and avals only; a user `dynamic_slice` of an operand with the
-    very same shape is also recomputed, which costs a read of that operand.)
+    it. (Policies see primitives and avals only; a user `dynamic_slice` or transpose of an operand
+    with the very same shape is also recomputed, which costs a read of that operand.)
     """
     data_shapes = {tuple(jax.typeof(d).shape) for d in datas}
     slice_shapes = {(1, *shape[1:]) for shape in data_shapes}
@@ -160,6 +160,8 @@ def _recompute_slices(datas: Sequence[Any]) -> Callable[..., bool]:
         if primitive is _primitives.squeeze_p:
             return tuple(avals[0].shape) not in slice_shapes
         if primitive in _compat.ELEMENTWISE and avals:
+            return tuple(avals[0].shape) not in read_shapes
+        if primitive is _primitives.transpose_p:  # `w.T` of a slice: an `L`-fold stack of `w.T`
             return tuple(avals[0].shape) not in read_shapes
         return True
 
