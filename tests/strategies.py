@@ -405,3 +405,320 @@ def problems(
         stacks=stack_rows,
         description="; ".join(description),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Relaxed ties (`tt.relaxed`): recursive models whose layers read `W + B_l @ A_l`.
+
+
+class RelaxedLayer(eqx.Module):
+    """One layer `h -> h + tanh(h @ w + b) @ out`: `w` is `(m, n)`, `b` `(n,)`, `out` `(n, m)`
+    (each with a leading layer axis `L` when stacked)."""
+
+    w: jax.Array
+    b: jax.Array
+    out: jax.Array
+
+
+class RelaxedNet(eqx.Module):
+    """The module form of a drawn relaxed model; the dict form is `{"blocks": ...}`."""
+
+    blocks: Any  # a list of L layers, or one stacked layer
+
+
+RELAXED_MATRICES = ("w", "out")  # the layer's matrix leaves: relaxed when tied; `b` follows others
+
+
+@dataclasses.dataclass(frozen=True)
+class RelaxedGroup:
+    """Layers `members` share one block; `canonical` is where its buffer lives (the layer it is
+    taken from, or where the mean is stored under `average`)."""
+
+    members: tuple[int, ...]
+    canonical: int
+    average: bool
+
+
+def strategy_blocks(strategy: str, layers: int, blocks: int) -> list[list[int]]:
+    """Each block's layers under a sharing strategy, from the papers' definitions (ALBERT, Relaxed
+    Recursive Transformers), written independently of `tt.layer_blocks`."""
+    if strategy.startswith("middle_"):
+        inner = strategy_blocks(strategy.removeprefix("middle_"), layers - 2, blocks)
+        return [[i + 1 for i in members] for members in inner]
+    if strategy == "cycle":
+        return [[i for i in range(layers) if i % blocks == j] for j in range(blocks)]
+    run = layers // blocks  # sequence
+    return [list(range(j * run, (j + 1) * run)) for j in range(blocks)]
+
+
+@dataclasses.dataclass
+class RelaxedProblem:
+    """A drawn recursive model, its relaxed spec and a loss.
+
+    **Attributes:**
+
+    - `params`: `{"blocks": ...}` or a `RelaxedNet`; `blocks` is a list of `RelaxedLayer`s or
+      dicts, or one stacked layer (leaves with a leading axis `layers`).
+    - `spec`: the drawn `tt.TieSpec` (a `share_layers` strategy or explicit groups/stacks).
+    - `fn`: `(params, x) -> scalar`, x of shape `(BATCH, m)`.
+    - `x`: the input.
+    - `stacked`, `layers`, `m`, `n`, `rank`, `init`, `others`: what was drawn.
+    - `relax`: the drawn `tt.relaxed(...)` option.
+    - `where`: the path the declarations name (`"blocks[*]"`, `"blocks.w"`, ...).
+    - `tied`: the layer's leaves the groups tie (`("w", "b", "out")` or `("w",)`).
+    - `groups`: the tie groups, each member a layer index.
+    - `strategy`: `(strategy, blocks, block_init)` when declared with `share_layers`, else None.
+    - `reader`: `"right"` (`h @ w`) or `"left"` (`(w.T @ h.T).T`, the relaxed read transposed).
+    - `penalty`: whether `fn` also reads `w` outside a matmul (a weight decay term).
+    - `description`: what was drawn, for failure messages.
+    """
+
+    params: Any
+    spec: tt.TieSpec
+    fn: Callable[..., jax.Array]
+    x: jax.Array
+    stacked: bool
+    layers: int
+    m: int
+    n: int
+    rank: int
+    init: str
+    others: str
+    relax: tt.Relaxed
+    where: str
+    tied: tuple[str, ...]
+    groups: tuple[RelaxedGroup, ...]
+    strategy: tuple[str, int, str] | None
+    reader: str
+    penalty: bool
+    description: str
+
+    @property
+    def relaxed_leaves(self) -> tuple[str, ...]:
+        """The tied matrix leaves: each member reads them as `W + B @ A`."""
+        return tuple(k for k in RELAXED_MATRICES if k in self.tied)
+
+    def group_of(self, layer: int) -> RelaxedGroup | None:
+        return next((g for g in self.groups if layer in g.members), None)
+
+    def relaxed_reads(self) -> int:
+        """`m + n + r` summed over every relaxed member read: the terms by which the tied
+        program's sums are reassociated (`x @ W + (x @ B) @ A` against `x @ (W + B @ A)`)."""
+        members = sum(len(g.members) for g in self.groups)
+        return members * len(self.relaxed_leaves) * (self.m + self.n + self.rank)
+
+    def __repr__(self) -> str:
+        return f"RelaxedProblem({self.description})"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """Hypothesis prints a falsifying example with this (not every field's arrays)."""
+        del cycle
+        printer.text(repr(self))
+
+
+RELAXED_BATCH = 5  # differs from every matrix side (2..4): shapes cannot coincide in jaxpr checks
+
+
+def _relaxed_layer_fn(reader: str, penalty: bool) -> Callable[[jax.Array, Any], jax.Array]:
+    """One layer reading `w` as `h @ w` (`reader="right"`) or as `(w.T @ h.T).T` (`"left"`: the
+    relaxed read transposed, on the matmul's left), and `out` as `h @ out`."""
+
+    def layer(h: jax.Array, p: Any) -> jax.Array:
+        w, b, out = (p["w"], p["b"], p["out"]) if isinstance(p, dict) else (p.w, p.b, p.out)
+        z = h @ w if reader == "right" else (w.T @ h.T).T
+        h = h + jnp.tanh(z + b[None]) @ out
+        if penalty:  # `w` read outside a matmul: built as W + B A for this use only
+            h = h + 0.01 * jnp.sum(w * w)
+        return h
+
+    return layer
+
+
+def make_relaxed_fn(stacked: bool, reader: str, penalty: bool) -> Callable:
+    """`fn(params, x)`: `x` through every layer (a Python loop over a list, `lax.scan` over a
+    stack); returns `mean(h**2)`."""
+    layer = _relaxed_layer_fn(reader, penalty)
+
+    def fn(params: Any, x: jax.Array) -> jax.Array:
+        blocks = params["blocks"] if isinstance(params, dict) else params.blocks
+        if stacked:
+            x = lax.scan(lambda h, p: (layer(h, p), None), x, blocks)[0]
+        else:
+            for p in blocks:
+                x = layer(x, p)
+        return jnp.mean(x * x)
+
+    return fn
+
+
+@st.composite
+def relaxed_problems(
+    draw: st.DrawFn,
+    *,
+    stacked: bool | None = None,
+    full_rank: bool = False,
+    lazy_only: bool = False,
+    dtypes: tuple[Any, ...] = (jnp.float32,),
+    forms: tuple[str, ...] = ("strategy", "explicit"),
+    small: bool = False,
+) -> RelaxedProblem:
+    """A [`RelaxedProblem`][]: a list of layers or a stacked layer, tied by a `share_layers`
+    strategy (cycle, sequence, middle_cycle, middle_sequence; lower, upper or average blocks) or
+    by explicit disjoint `tt.group`s / `tt.stack`s (any canonical member, canonical or average
+    init), over whole layers or their `w` only, relaxed at a random rank with `init` svd or
+    zeros and `others` shared or own.
+
+    - `stacked`: force lists (False) or stacks (True); drawn when None.
+    - `full_rank`: rank `min(m, n)` with `init="svd"` (the conversion that reproduces the model).
+    - `lazy_only`: every relaxed read is a matmul (no penalty term), `m != n` and
+      `rank < min(m, n)`, so no factor or gradient has the shape of a member or of a stack of
+      them (for jaxpr checks).
+    - `dtypes`: the parameter dtypes to draw from.
+    - `forms`: how the ties are declared, `"strategy"` (`share_layers`) and/or `"explicit"`.
+    - `small`: two relaxed members of side 2 or 3 (rank 1 unless `full_rank`), their `w` only:
+      few enough reassociated terms that bfloat16's first-order bound stays well below 1.
+    """
+    seed = draw(st.integers(0, 2**31 - 1))
+    stacked = draw(st.booleans()) if stacked is None else stacked
+    as_module = draw(st.booleans())
+    sides = [2, 3] if small else [2, 3, 4]
+    if lazy_only:
+        m, n = draw(st.sampled_from([(m, n) for m in sides for n in sides if m != n]))
+    else:
+        m, n = draw(st.sampled_from(sides)), draw(st.sampled_from(sides))
+    init: Any = "svd"
+    if full_rank:
+        rank = min(m, n)
+    else:
+        rank = 1 if small else draw(st.integers(1, min(m, n) - (1 if lazy_only else 0)))
+        init = draw(st.sampled_from(["svd", "zeros"]))
+    others: Any = draw(st.sampled_from(["shared", "own"]))
+    relax = tt.relaxed(rank, init=init, others=others, seed=draw(st.integers(0, 3)))
+    dtype = draw(st.sampled_from(dtypes))
+    tied = ("w",) if small else draw(st.sampled_from([("w", "b", "out"), ("w",)]))
+    where = "blocks" if stacked else "blocks[*]"
+    where += "" if len(tied) > 1 else ".w"
+
+    form = draw(st.sampled_from(forms))
+    strategy_drawn: tuple[str, int, str] | None = None
+    if form == "strategy":
+        strategy: Any = draw(
+            st.sampled_from(["cycle", "sequence", "middle_cycle", "middle_sequence"])
+        )
+        shared = 2 if small else draw(st.integers(2, 5))
+        if strategy.endswith("cycle"):  # block 0 gets two layers at least
+            blocks = draw(st.integers(1, shared - 1))
+        else:  # equal runs of two layers at least
+            blocks = draw(st.sampled_from([k for k in range(1, shared) if shared % k == 0]))
+        layers = shared + 2 if strategy.startswith("middle_") else shared
+        block_init: Any = draw(st.sampled_from(["lower", "upper", "average"]))
+        groups = tuple(
+            RelaxedGroup(
+                tuple(ms),
+                ms[-1] if block_init == "upper" else ms[0],
+                block_init == "average",
+            )
+            for ms in strategy_blocks(strategy, layers, blocks)
+            if len(ms) > 1
+        )
+        declarations = tt.share_layers(
+            where,
+            strategy,
+            layers=layers,
+            blocks=blocks,
+            stacked=stacked,
+            init=block_init,
+            relax=relax,
+        )
+        strategy_drawn = (strategy, blocks, block_init)
+        shown = f"share_layers({where!r}, {strategy!r}, layers={layers}, blocks={blocks}, "
+        shown += f"init={block_init!r})"
+    else:
+        layers = draw(st.integers(2, 3 if small else 5))
+        order = draw(st.permutations(range(layers)))
+        sizes: list[int] = [2] if small else []
+        while sum(sizes) + 2 <= layers and (not sizes or draw(st.booleans())) and not small:
+            sizes.append(draw(st.integers(2, layers - sum(sizes))))
+        groups_list, start = [], 0
+        for size in sizes:
+            members = tuple(sorted(order[start : start + size]))
+            start += size
+            canonical = draw(st.sampled_from(members))
+            groups_list.append(RelaxedGroup(members, canonical, draw(st.booleans())))
+        groups = tuple(groups_list)
+        declarations = {}
+        for j, g in enumerate(groups):
+            how = "average" if g.average else "canonical"
+            if stacked:
+                declarations[f"g{j}"] = tt.stack(
+                    where, list(g.members), canonical=g.canonical, init=how, relax=relax
+                )
+            else:
+                paths = [where.replace("[*]", f"[{i}]") for i in g.members]
+                canonical_arg: Any = (
+                    where.replace("[*]", f"[{g.canonical}]")
+                    if draw(st.booleans())
+                    else g.members.index(g.canonical)
+                )
+                declarations[f"g{j}"] = tt.group(
+                    *paths, canonical=canonical_arg, init=how, relax=relax
+                )
+        shown = ", ".join(
+            f"g{j}={list(g.members)} canonical {g.canonical}{' average' if g.average else ''}"
+            for j, g in enumerate(groups)
+        )
+        shown = f"explicit {'stacks' if stacked else 'groups'} over {where!r}: {shown}"
+
+    keys = jax.random.split(jax.random.key(seed), 4)
+
+    def normal(key: jax.Array, shape: tuple[int, ...], scale: float) -> jax.Array:
+        return (scale * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    # Scaled so that tanh stays off saturation and the layers neither explode nor vanish.
+    leaves = {
+        "w": normal(keys[0], (layers, m, n), 1 / np.sqrt(m)),
+        "b": normal(keys[1], (layers, n), 0.5),
+        "out": normal(keys[2], (layers, n, m), 0.5 / np.sqrt(n)),
+    }
+    if stacked:
+        blocks_tree: Any = dict(leaves)
+    else:
+        blocks_tree = [{k: v[i] for k, v in leaves.items()} for i in range(layers)]
+    layer_as_module = draw(st.booleans())
+    if layer_as_module:
+        blocks_tree = (
+            RelaxedLayer(**blocks_tree)
+            if stacked
+            else [RelaxedLayer(**layer) for layer in blocks_tree]
+        )
+    params = RelaxedNet(blocks_tree) if as_module else {"blocks": blocks_tree}
+    reader = draw(st.sampled_from(["right", "left"]))
+    penalty = False if lazy_only else draw(st.booleans())
+    x = normal(keys[3], (RELAXED_BATCH, m), 1.0)
+    description = (
+        f"{shown}; relaxed(rank={rank}, init={init!r}, others={others!r}); L={layers}, "
+        f"m={m}, n={n}, {jnp.dtype(dtype).name}, {'stacked' if stacked else 'list'} of "
+        f"{'modules' if layer_as_module else 'dicts'} in a {'module' if as_module else 'dict'}, "
+        f"w read {reader}{', with a penalty' if penalty else ''}"
+    )
+    return RelaxedProblem(
+        params=params,
+        spec=tt.TieSpec(declarations),
+        fn=make_relaxed_fn(stacked, reader, penalty),
+        x=x,
+        stacked=stacked,
+        layers=layers,
+        m=m,
+        n=n,
+        rank=rank,
+        init=init,
+        others=others,
+        relax=relax,
+        where=where,
+        tied=tied,
+        groups=groups,
+        strategy=strategy_drawn,
+        reader=reader,
+        penalty=penalty,
+        description=description,
+    )
