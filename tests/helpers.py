@@ -1,11 +1,15 @@
 """Shared models and reference semantics for the tietransform suites."""
 
+from collections.abc import Iterator
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
+from tietransform._compat import inner_jaxprs
 from tietransform.testing import tolerance, tree_allclose
 
 
@@ -14,6 +18,7 @@ __all__ = [
     "Stack",
     "Tower",
     "assert_trees_close",
+    "equations",
     "hlo_parameter_count",
     "rounding_depth",
     "tolerance",
@@ -82,6 +87,15 @@ def hlo_parameter_count(compiled_text: str) -> int:
             if " parameter(" in line
         }
     )
+
+
+def equations(jaxpr: Any) -> Iterator[Any]:
+    """Every equation of `jaxpr` (open or closed), depth first, those of its inner jaxprs (scan
+    and cond bodies, jit, checkpoint, custom derivative rules, kernels) included."""
+    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+        yield eqn
+        for inner in inner_jaxprs(eqn):
+            yield from equations(inner)
 
 
 def float_leaves(tree) -> list[np.ndarray]:

@@ -73,12 +73,13 @@ def with_leaves(tree: Any, values: dict[Path, Any]) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     out = []
     for keypath, leaf in leaves:
-        path = tuple(_key(k) for k in keypath)
+        path = tuple(path_key(k) for k in keypath)
         out.append(values.get(path, leaf))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _key(key: Any) -> str | int:
+def path_key(key: Any) -> str | int:
+    """The attribute name, dict key or sequence index of one jax path key."""
     if isinstance(key, jax.tree_util.SequenceKey):
         return key.idx
     if isinstance(key, jax.tree_util.DictKey):
@@ -136,7 +137,7 @@ def expected_grads(
     """
     grads: dict[Path, list[np.ndarray]] = {}
     for keypath, g in jax.tree_util.tree_flatten_with_path(full_grads)[0]:
-        grads[tuple(_key(k) for k in keypath)] = [np.asarray(g, np.float64)]
+        grads[tuple(path_key(k) for k in keypath)] = [np.asarray(g, np.float64)]
     for tie in reversed(ties):  # readers before their sources.
         for g in grads.pop(tie.member):
             if tie.fn is not None:

@@ -19,6 +19,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import tietransform as tt
+from tests.helpers import equations
 
 
 _PATH = pathlib.Path(__file__).parents[1] / "examples" / "universal_transformer.py"
@@ -87,20 +88,11 @@ def test_tied_gradients_on_four_devices_equal_the_one_device_gradients(setup, pa
 
 def _pallas_call_input_shapes(jaxpr) -> list[tuple[int, ...]]:
     """The shape of the first operand of every `pallas_call` in `jaxpr`, nested ones included."""
-    found = []
-
-    def walk(j):
-        j = getattr(j, "jaxpr", j)
-        for eqn in j.eqns:
-            if eqn.primitive.name == "pallas_call":
-                found.append(tuple(eqn.invars[0].aval.shape))
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, tuple | list) else (value,):
-                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                        walk(sub)
-
-    walk(jaxpr)
-    return found
+    return [
+        tuple(eqn.invars[0].aval.shape)
+        for eqn in equations(jaxpr)
+        if eqn.primitive.name == "pallas_call"
+    ]
 
 
 def test_fused_ffn_in_a_sharded_step_runs_per_shard_and_gives_the_unrouted_gradients(setup):

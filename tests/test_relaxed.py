@@ -9,6 +9,7 @@ import pytest
 from jax import lax
 
 import tietransform as tt
+from tests.helpers import equations
 from tietransform.testing import TieCheckError, check_tied, tolerance
 
 
@@ -51,42 +52,21 @@ def listed_loss(model, x):
 
 def _dots(jaxpr) -> list[tuple[tuple[int, ...], ...]]:
     """The (operand shapes, output shape) of every dot_general, inner jaxprs included."""
-    found = []
-
-    def walk(j):
-        for eqn in j.eqns:
-            if eqn.primitive is lax.dot_general_p:
-                found.append(
-                    (tuple(v.aval.shape for v in eqn.invars), tuple(eqn.outvars[0].aval.shape))
-                )
-            for sub in _subs(eqn):
-                walk(sub)
-
-    walk(jaxpr.jaxpr)
-    return found
-
-
-def _subs(eqn):
-    for value in eqn.params.values():
-        for item in value if isinstance(value, tuple | list) else (value,):
-            if hasattr(item, "eqns"):
-                yield item
-            elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
-                yield item.jaxpr
+    return [
+        (tuple(v.aval.shape for v in eqn.invars), tuple(eqn.outvars[0].aval.shape))
+        for eqn in equations(jaxpr)
+        if eqn.primitive is lax.dot_general_p
+    ]
 
 
 def _shapes(jaxpr) -> set[tuple[int, ...]]:
     """Every array shape a jaxpr (inner jaxprs included) computes."""
-    found = set()
-
-    def walk(j):
-        for eqn in j.eqns:
-            found.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-            for sub in _subs(eqn):
-                walk(sub)
-
-    walk(jaxpr.jaxpr)
-    return found
+    return {
+        tuple(v.aval.shape)
+        for eqn in equations(jaxpr)
+        for v in eqn.outvars
+        if hasattr(v.aval, "shape")
+    }
 
 
 # -- what pack stores ------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from hypothesis import given, settings, strategies as st
 from jax import lax
 
 import tietransform as tt
-from tests.strategies import RelaxedProblem, relaxed_problems
+from tests.helpers import equations
+from tests.strategies import RelaxedProblem, path_key, relaxed_problems
 from tietransform.testing import check_tied, tolerance, tree_allclose
 
 
@@ -83,10 +84,6 @@ def _per_layer(tree: Any, problem: RelaxedProblem) -> dict[str, list[Any]]:
     if problem.stacked:
         return {k: list(_node(tree, None, k)) for k in ("w", "b", "out")}
     return {k: [_node(tree, i, k) for i in range(problem.layers)] for k in ("w", "b", "out")}
-
-
-def _key_name(key: Any) -> Any:
-    return key.key if isinstance(key, jax.tree_util.DictKey) else getattr(key, "name", key)
 
 
 # -- 1. values and gradients at W + B A ------------------------------------------------------
@@ -240,7 +237,7 @@ def test_a_full_rank_svd_conversion_reproduces_the_untied_model_and_its_outputs(
         tied_value = jax.jit(tt.tie(problem.fn, problem.spec))(packed, problem.x)
         # The original model, but for the biases `others="shared"` ties strictly (checked below).
         original = jax.tree_util.tree_map_with_path(
-            lambda path, p, r: r if _key_name(path[-1]) == "b" else p, problem.params, restored
+            lambda path, p, r: r if path_key(path[-1]) == "b" else p, problem.params, restored
         )
         untied_value = jax.jit(problem.fn)(original, problem.x)
     leaves, got = _per_layer(problem.params, problem), _per_layer(restored, problem)
@@ -336,22 +333,6 @@ def test_a_relaxed_strategy_packs_and_computes_exactly_as_its_explicit_groups(pr
 
 
 # -- 4. the rewrite keeps relaxed reads lazy -------------------------------------------------
-def _inner(eqn: Any) -> Iterator[Any]:
-    for value in eqn.params.values():
-        for item in value if isinstance(value, tuple | list) else (value,):
-            item = getattr(item, "jaxpr", item)
-            if hasattr(item, "eqns"):
-                yield item
-
-
-def _equations(jaxpr: Any) -> Iterator[Any]:
-    """Every equation of `jaxpr`, those of inner jaxprs (scan bodies, pjit, remat) included."""
-    for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
-        yield eqn
-        for inner in _inner(eqn):
-            yield from _equations(inner)
-
-
 @given(relaxed_problems(lazy_only=True))
 @_THIRD
 def test_relaxed_matmuls_never_build_w_plus_ba_nor_an_l_fold_stack(problem):
@@ -372,13 +353,13 @@ def test_relaxed_matmuls_never_build_w_plus_ba_nor_an_l_fold_stack(problem):
     ):
         dots = [
             ({tuple(v.aval.shape) for v in e.invars}, tuple(e.outvars[0].aval.shape))
-            for e in _equations(program)
+            for e in equations(program)
             if e.primitive is lax.dot_general_p
         ]
         assert any(ins & factors for ins, _ in dots), "no relaxed read went through its factors"
         built = [(ins, out) for ins, out in dots if out in members and ins & factors]
         assert not built, f"W + B A was built: {built}"
-        shapes = {tuple(v.aval.shape) for e in _equations(program) for v in e.outvars}
+        shapes = {tuple(v.aval.shape) for e in equations(program) for v in e.outvars}
         assert not shapes & stacks, f"an L-fold stack was built: {shapes & stacks}"
 
 
@@ -419,5 +400,5 @@ def test_a_stacked_weight_read_in_a_scan_is_not_saved_l_fold(relax, read):
 
     grad = jax.grad(tt.tie(loss, spec))
     jaxpr = jax.make_jaxpr(grad)(tt.pack(model, spec), jnp.ones((5, m)))
-    shapes = {tuple(v.aval.shape) for e in _equations(jaxpr) for v in e.outvars}
+    shapes = {tuple(v.aval.shape) for e in equations(jaxpr) for v in e.outvars}
     assert not shapes & {(layers, m, n), (layers, n, m)}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import tietransform as tt
-from tests.helpers import Stack, Tower, assert_trees_close, tower_loss
+from tests.helpers import Stack, Tower, assert_trees_close, equations, tower_loss
 from tietransform.testing import check_tied
 
 
@@ -99,15 +99,7 @@ def test_a_cycled_stack_scanned_with_lax_scan_matches_the_untied_model_and_keeps
 
 def _all_shapes(jaxpr):
     """Shapes of every value any equation of `jaxpr` makes, inner jaxprs (scan bodies) too."""
-    shapes = set()
-    for eqn in jaxpr.eqns:
-        shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
-        for param in eqn.params.values():
-            for inner in param if isinstance(param, list | tuple) else (param,):
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    shapes |= _all_shapes(inner)
-    return shapes
+    return {tuple(v.aval.shape) for eqn in equations(jaxpr) for v in eqn.outvars}
 
 
 @pytest.mark.parametrize("init", ["lower", "upper"])
